@@ -1,0 +1,157 @@
+"""What every request cost and who pays: currency rates, client API keys and the ledger."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from providers.models import MONEY_DIGITS, Provider, UpstreamKey, currency_validator
+
+API_KEY_PREFIX = "sk-keyaos-"
+
+
+class CurrencyRate(models.Model):
+    """How many US dollars one unit of ``currency`` buys. USD itself is always 1."""
+
+    currency = models.CharField(max_length=3, unique=True, validators=[currency_validator])
+    usd_per_unit = models.DecimalField(max_digits=20, decimal_places=10)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["currency"]
+
+    def __str__(self) -> str:
+        return f"1 {self.currency} = {self.usd_per_unit} USD"
+
+    def save(self, *args, **kwargs) -> None:
+        self.currency = self.currency.upper()
+        self.updated_at = timezone.now()
+        super().save(*args, **kwargs)
+
+
+def hash_api_key(plain: str) -> str:
+    """Keyed hash of a client key: a stolen database alone does not let anyone test guesses."""
+    return hmac.new(
+        ("keyaos-api-key:" + settings.SECRET_KEY).encode(), plain.encode(), hashlib.sha256
+    ).hexdigest()
+
+
+class ApiKey(models.Model):
+    """A key that a client program sends to ``/v1``. Only its keyed hash is stored."""
+
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=20, editable=False)
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "client API key"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}...)"
+
+    @classmethod
+    def create_key(cls, *, name: str, **fields) -> tuple[ApiKey, str]:
+        """Create a key and return it with its plain value, which is never stored nor shown again."""
+        plain = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        api_key = cls(name=name, **fields)
+        api_key.set_key(plain)
+        api_key.save()
+        return api_key, plain
+
+    def set_key(self, plain: str) -> None:
+        self.prefix = plain[: len(API_KEY_PREFIX) + 4]
+        self.key_hash = hash_api_key(plain)
+
+
+class LedgerEntry(models.Model):
+    """One row per client request: what was asked, who served it, and what it cost."""
+
+    class Outcome(models.TextChoices):
+        OK = "ok", "OK"
+        UPSTREAM_ERROR = "upstream_error", "Upstream error"
+        CLIENT_ERROR = "client_error", "Client error"
+        DISCONNECTED = "disconnected", "Client disconnected"
+        STREAM_FAILED = "stream_failed", "Failed mid-stream"
+
+    class UsageSource(models.TextChoices):
+        REPORTED = "reported", "Reported by the upstream"
+        ESTIMATED = "estimated", "Estimated"
+        NONE = "none", "None (no upstream answer)"
+
+    class CostSource(models.TextChoices):
+        REPORTED = "reported", "Reported by the upstream"
+        COMPUTED = "computed", "Computed from stored prices"
+        NONE = "none", "None"
+
+    request_id = models.CharField(max_length=40, unique=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    api_key = models.ForeignKey(ApiKey, on_delete=models.SET_NULL, null=True, blank=True)
+    provider = models.ForeignKey(Provider, on_delete=models.SET_NULL, null=True, blank=True)
+    upstream_key = models.ForeignKey(UpstreamKey, on_delete=models.SET_NULL, null=True, blank=True)
+    requested_model = models.CharField(max_length=200)
+    upstream_model = models.CharField(max_length=200, blank=True)
+    endpoint = models.CharField(max_length=40)
+    streamed = models.BooleanField(default=False)
+    outcome = models.CharField(max_length=20, choices=Outcome.choices)
+    status_code = models.PositiveSmallIntegerField()
+    attempts = models.PositiveSmallIntegerField(default=0)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    cached_tokens = models.PositiveIntegerField(default=0)
+    reasoning_tokens = models.PositiveIntegerField(default=0)
+    usage_source = models.CharField(max_length=10, choices=UsageSource.choices)
+    cost = models.DecimalField(**MONEY_DIGITS, default=Decimal("0"))
+    currency = models.CharField(max_length=3, default="USD")
+    cost_source = models.CharField(max_length=10, choices=CostSource.choices, default="none")
+    usd_per_unit = models.DecimalField(max_digits=20, decimal_places=10, default=Decimal("1"))
+    cost_usd = models.DecimalField(**MONEY_DIGITS, default=Decimal("0"))
+    list_cost_usd = models.DecimalField(**MONEY_DIGITS, default=Decimal("0"))
+    latency_ms = models.PositiveIntegerField(default=0)
+    ttfb_ms = models.PositiveIntegerField(null=True, blank=True)
+    overhead_ms = models.DecimalField(max_digits=10, decimal_places=3, null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "ledger entry"
+        verbose_name_plural = "ledger"
+        indexes = [
+            models.Index(fields=["provider", "created_at"]),
+            models.Index(fields=["api_key", "created_at"]),
+            models.Index(fields=["upstream_key", "created_at"]),
+            models.Index(fields=["requested_model", "created_at"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.request_id} {self.requested_model} {self.outcome}"
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Attempt(models.Model):
+    """One upstream try of a request; failed ones say why the dispatcher moved on."""
+
+    entry = models.ForeignKey(LedgerEntry, on_delete=models.CASCADE, related_name="attempt_rows")
+    number = models.PositiveSmallIntegerField()
+    provider = models.ForeignKey(Provider, on_delete=models.SET_NULL, null=True)
+    upstream_key = models.ForeignKey(UpstreamKey, on_delete=models.SET_NULL, null=True)
+    upstream_model = models.CharField(max_length=200)
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    failure = models.CharField(max_length=20, blank=True)
+    error = models.TextField(blank=True)
+    duration_ms = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["entry", "number"]

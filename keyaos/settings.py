@@ -1,0 +1,215 @@
+"""Keyaos settings, read from the environment (see README, "Settings").
+
+With no environment at all, Keyaos runs embedded: a SQLite file, and a generated secret key and
+encryption key, all kept in the git-ignored ``var/`` folder (``KEYAOS_STATE_DIR``). With
+``DATABASE_URL`` set (production), ``SECRET_KEY`` and ``KEYAOS_ENCRYPTION_KEYS`` must come from the
+environment too: a missing or malformed value stops start-up with a clear error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dj_database_url
+from cryptography.fernet import Fernet
+from django.core.exceptions import ImproperlyConfigured
+
+from keyaos.env import (
+    env_bool,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+    generate_secret_key,
+    read_or_create_state_file,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+STATE_DIR = Path(env_str("KEYAOS_STATE_DIR") or BASE_DIR / "var")
+DATABASE_URL = env_str("DATABASE_URL") or ""
+EMBEDDED = not DATABASE_URL
+
+DEBUG = env_bool("DEBUG", False)
+
+
+def _required_secret(name: str, generate) -> str:
+    value = env_str(name)
+    if value:
+        return value
+    if EMBEDDED:
+        return read_or_create_state_file(STATE_DIR / name.lower(), generate)
+    raise ImproperlyConfigured(
+        f"{name} is not set. It is required when DATABASE_URL is set (production); "
+        "see README, 'Settings'."
+    )
+
+
+SECRET_KEY = _required_secret("SECRET_KEY", generate_secret_key)
+if len(SECRET_KEY) < 32:
+    raise ImproperlyConfigured("SECRET_KEY must be at least 32 characters long.")
+
+# Comma-separated Fernet keys: the first encrypts, every one decrypts (rotation: README).
+KEYAOS_ENCRYPTION_KEYS = [
+    key.strip()
+    for key in _required_secret(
+        "KEYAOS_ENCRYPTION_KEYS", lambda: Fernet.generate_key().decode()
+    ).split(",")
+    if key.strip()
+]
+if not KEYAOS_ENCRYPTION_KEYS:
+    raise ImproperlyConfigured("KEYAOS_ENCRYPTION_KEYS is empty.")
+for _index, _key in enumerate(KEYAOS_ENCRYPTION_KEYS):
+    try:
+        Fernet(_key)
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"KEYAOS_ENCRYPTION_KEYS entry #{_index + 1} is not a valid Fernet key "
+            "(32 url-safe base64-encoded bytes; make one with "
+            "`python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'`)."
+        ) from None
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "django.contrib.humanize",
+    "django_q",
+    "keyaos",
+    "providers",
+    "billing",
+    "routing",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "keyaos.urls"
+ASGI_APPLICATION = "keyaos.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "keyaos" / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+if EMBEDDED:
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": STATE_DIR / "keyaos.sqlite3",
+            "OPTIONS": {
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 20,
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+            "TEST": {"NAME": STATE_DIR / "test.sqlite3"},
+        }
+    }
+else:
+    _database = dj_database_url.parse(DATABASE_URL, conn_max_age=0)
+    if _database["ENGINE"] == "django.db.backends.postgresql":
+        # Persistent connections leak under ASGI (one per thread); Django's pool does not.
+        _database.setdefault("OPTIONS", {})["pool"] = {
+            "min_size": env_int("KEYAOS_DB_POOL_MIN", 2, minimum=0),
+            "max_size": env_int("KEYAOS_DB_POOL_MAX", 10, minimum=1),
+            "timeout": 10,
+        }
+    DATABASES = {"default": _database}
+
+REDIS_URL = env_str("REDIS_URL") or ""
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "keyaos",
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env_str("TIME_ZONE") or "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+}
+if DEBUG:
+    STORAGES["staticfiles"] = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}
+
+if not DEBUG and env_bool("KEYAOS_HTTPS", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL") or "INFO"},
+    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
+}
+
+Q_CLUSTER = {
+    "name": "keyaos",
+    "orm": "default",
+    "workers": env_int("KEYAOS_Q_WORKERS", 1, minimum=1),
+    "timeout": 240,
+    "retry": 300,
+    "max_attempts": 1,
+    "poll": 2,
+    "catch_up": False,
+    "save_limit": 200,
+    "ack_failures": True,
+}
+
+# Gateway behaviour (README, "Settings").
+KEYAOS_ADMIN_TOKEN = env_str("KEYAOS_ADMIN_TOKEN") or ""
+KEYAOS_REFRESH_MINUTES = env_int("KEYAOS_REFRESH_MINUTES", 5, minimum=1)
+KEYAOS_MAX_ATTEMPTS = env_int("KEYAOS_MAX_ATTEMPTS", 3, minimum=1)
+KEYAOS_DEFAULT_MAX_TOKENS = env_int("KEYAOS_DEFAULT_MAX_TOKENS", 1024, minimum=1)
+KEYAOS_MAX_BODY_BYTES = env_int("KEYAOS_MAX_BODY_BYTES", 10 * 1024 * 1024, minimum=1024)
+KEYAOS_CONNECT_TIMEOUT_S = env_float("KEYAOS_CONNECT_TIMEOUT_S", 10.0)
+KEYAOS_READ_TIMEOUT_S = env_float("KEYAOS_READ_TIMEOUT_S", 300.0)
+KEYAOS_FETCH_TIMEOUT_S = env_float("KEYAOS_FETCH_TIMEOUT_S", 20.0)
+KEYAOS_SNAPSHOT_POLL_S = env_float("KEYAOS_SNAPSHOT_POLL_S", 0.5)
+KEYAOS_TRANSIENT_COOLDOWN_S = env_float("KEYAOS_TRANSIENT_COOLDOWN_S", 5.0)
+KEYAOS_MAX_COOLDOWN_S = env_float("KEYAOS_MAX_COOLDOWN_S", 300.0)
+KEYAOS_RATE_LIMIT_COOLDOWN_S = env_float("KEYAOS_RATE_LIMIT_COOLDOWN_S", 30.0)

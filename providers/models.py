@@ -1,0 +1,313 @@
+"""Who Keyaos buys tokens from: providers, their upstream keys, and the model catalog."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+from django.core.validators import MinValueValidator, RegexValidator
+from django.db import models
+from django.utils import timezone
+
+from providers.crypto import decrypt_secret, encrypt_secret, mask_secret, secret_fingerprint
+
+PRICE_DIGITS = {"max_digits": 24, "decimal_places": 10}
+MONEY_DIGITS = {"max_digits": 28, "decimal_places": 12}
+
+currency_validator = RegexValidator(r"^[A-Z]{3}$", "Use a three-letter ISO code such as USD or CNY.")
+
+
+class Provider(models.Model):
+    class CatalogFormat(models.TextChoices):
+        OPENROUTER = "openrouter", "OpenRouter (per-token price strings)"
+        DEEPINFRA = "deepinfra", "DeepInfra (metadata.pricing per 1M)"
+        ZENMUX = "zenmux", "ZenMux (tiered pricings per 1M)"
+        OPENAI = "openai", "OpenAI list (ids only, prices set by hand)"
+
+    class BalanceMethod(models.TextChoices):
+        NONE = "none", "None (entered by hand)"
+        OPENROUTER = "openrouter_credits", "OpenRouter GET /credits"
+        DEEPSEEK = "deepseek_balance", "DeepSeek GET /user/balance"
+
+    class KeyCheck(models.TextChoices):
+        MODELS = "models", "GET /models with the key"
+        OPENROUTER = "openrouter_key", "OpenRouter GET /key"
+        CHAT = "chat", "1-token chat completion"
+
+    class AuthStyle(models.TextChoices):
+        BEARER = "bearer", "Authorization: Bearer"
+        API_KEY = "x-api-key", "x-api-key header"
+
+    slug = models.SlugField(max_length=50, unique=True)
+    name = models.CharField(max_length=100)
+    preset = models.CharField(max_length=30, default="openai-compatible")
+    base_url = models.URLField(max_length=300, help_text="Up to and including /v1 (or its equivalent).")
+    currency = models.CharField(max_length=3, default="USD", validators=[currency_validator])
+    catalog_format = models.CharField(
+        max_length=20, choices=CatalogFormat.choices, default=CatalogFormat.OPENAI
+    )
+    balance_method = models.CharField(
+        max_length=30, choices=BalanceMethod.choices, default=BalanceMethod.NONE
+    )
+    key_check = models.CharField(max_length=20, choices=KeyCheck.choices, default=KeyCheck.MODELS)
+    key_check_model = models.CharField(
+        max_length=200, blank=True, help_text="Model used by the 1-token chat key check."
+    )
+    auth_style = models.CharField(max_length=20, choices=AuthStyle.choices, default=AuthStyle.BEARER)
+    default_vendor = models.CharField(
+        max_length=50,
+        blank=True,
+        help_text="Vendor prefix for native ids without one (deepseek-chat -> deepseek/deepseek-chat).",
+    )
+    read_timeout_s = models.FloatField(default=300.0, validators=[MinValueValidator(1.0)])
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.name or self.slug
+
+    def url(self, path: str) -> str:
+        return self.base_url.rstrip("/") + "/" + path.lstrip("/")
+
+    def auth_headers(self, secret: str) -> dict[str, str]:
+        if self.auth_style == self.AuthStyle.API_KEY:
+            return {"x-api-key": secret}
+        return {"Authorization": f"Bearer {secret}"}
+
+    def canonical_id(self, upstream_model_id: str, aliases: dict[str, str] | None = None) -> str:
+        """The OpenRouter-style ``vendor/model`` id that a native id serves."""
+        if aliases and upstream_model_id in aliases:
+            return aliases[upstream_model_id]
+        lowered = upstream_model_id.strip().lower()
+        if "/" not in lowered and self.default_vendor:
+            return f"{self.default_vendor.lower()}/{lowered}"
+        return lowered
+
+
+class UpstreamKey(models.Model):
+    class Health(models.TextChoices):
+        OK = "ok", "OK"
+        COOLING = "cooling", "Cooling down"
+        EXHAUSTED = "exhausted", "Exhausted"
+        INVALID = "invalid", "Invalid"
+
+    class BalanceSource(models.TextChoices):
+        AUTO = "auto", "Auto (provider's balance endpoint)"
+        MANUAL = "manual", "Manual (entered by the operator)"
+
+    provider = models.ForeignKey(Provider, on_delete=models.CASCADE, related_name="keys")
+    label = models.CharField(max_length=100, blank=True)
+    secret_encrypted = models.TextField(editable=False)
+    secret_hash = models.CharField(max_length=64, editable=False)
+    secret_masked = models.CharField("secret", max_length=40, editable=False)
+    enabled = models.BooleanField(default=True)
+    balance = models.DecimalField(
+        **MONEY_DIGITS, null=True, blank=True, help_text="In the provider's currency; empty = unknown."
+    )
+    balance_source = models.CharField(
+        max_length=10, choices=BalanceSource.choices, default=BalanceSource.MANUAL
+    )
+    balance_updated_at = models.DateTimeField(null=True, blank=True)
+    multiplier = models.DecimalField(
+        max_digits=8,
+        decimal_places=4,
+        default=Decimal("1"),
+        validators=[MinValueValidator(Decimal("0"))],
+        help_text="Real cost relative to list price: 0.8 for discounted credits, 0 for free ones.",
+    )
+    health = models.CharField(max_length=10, choices=Health.choices, default=Health.OK)
+    cooldown_until = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    last_error_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["provider", "secret_hash"], name="unique_key_per_provider")
+        ]
+        ordering = ["provider__slug", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.provider.slug}:{self.label or self.secret_masked}"
+
+    @property
+    def name(self) -> str:
+        """What responses and logs call this key: its label, or its id; never the secret."""
+        return self.label or f"key-{self.pk}"
+
+    def set_secret(self, plain: str) -> None:
+        plain = plain.strip()
+        if not plain:
+            raise ValueError("The secret is empty.")
+        self.secret_encrypted = encrypt_secret(plain)
+        self.secret_hash = secret_fingerprint(plain)
+        self.secret_masked = mask_secret(plain)
+
+    @property
+    def secret(self) -> str:
+        return decrypt_secret(self.secret_encrypted)
+
+    def is_usable(self, now: datetime | None = None) -> bool:
+        return self.unusable_reason(now) is None
+
+    def unusable_reason(self, now: datetime | None = None) -> str | None:
+        """Why routing skips this key, or None when it may serve."""
+        now = now or timezone.now()
+        if not self.provider.enabled:
+            return "provider disabled"
+        if not self.enabled:
+            return "key disabled"
+        if self.health == self.Health.INVALID:
+            return f"invalid: {self.last_error or 'rejected by the provider'}"
+        if self.health == self.Health.EXHAUSTED:
+            return "exhausted (no credit)"
+        if self.cooldown_until and self.cooldown_until > now:
+            return f"cooling down until {self.cooldown_until:%H:%M:%S}"
+        if self.balance is not None and self.balance <= 0:
+            return "balance is zero"
+        return None
+
+
+class ModelOffer(models.Model):
+    class Kind(models.TextChoices):
+        CHAT = "chat", "Chat"
+        EMBEDDING = "embedding", "Embedding"
+
+    class PriceSource(models.TextChoices):
+        CATALOG = "catalog", "Provider catalog"
+        MANUAL = "manual", "Set by the operator"
+
+    provider = models.ForeignKey(Provider, on_delete=models.CASCADE, related_name="offers")
+    upstream_model_id = models.CharField(max_length=200)
+    canonical_id = models.CharField(max_length=200, db_index=True)
+    display_name = models.CharField(max_length=200, blank=True)
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.CHAT)
+    input_price_per_mtok = models.DecimalField(**PRICE_DIGITS, null=True, blank=True)
+    output_price_per_mtok = models.DecimalField(**PRICE_DIGITS, null=True, blank=True)
+    cached_input_price_per_mtok = models.DecimalField(**PRICE_DIGITS, null=True, blank=True)
+    price_tiers = models.JSONField(default=dict, blank=True)
+    price_source = models.CharField(
+        max_length=10, choices=PriceSource.choices, default=PriceSource.CATALOG
+    )
+    context_length = models.PositiveIntegerField(null=True, blank=True)
+    active = models.BooleanField(default=True)
+    first_seen_at = models.DateTimeField(default=timezone.now)
+    last_refreshed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["provider", "upstream_model_id"], name="unique_offer_per_provider"
+            )
+        ]
+        indexes = [models.Index(fields=["canonical_id", "active"])]
+        ordering = ["canonical_id", "provider__slug"]
+
+    def __str__(self) -> str:
+        return f"{self.canonical_id} @ {self.provider.slug}"
+
+    @property
+    def currency(self) -> str:
+        return self.provider.currency
+
+    @property
+    def has_prices(self) -> bool:
+        return self.input_price_per_mtok is not None and self.output_price_per_mtok is not None
+
+    def price_tuple(self) -> tuple[Decimal | None, Decimal | None, Decimal | None]:
+        return (
+            self.input_price_per_mtok,
+            self.output_price_per_mtok,
+            self.cached_input_price_per_mtok,
+        )
+
+    def record_price(self) -> PriceHistory:
+        return PriceHistory.objects.create(
+            offer=self,
+            input_price_per_mtok=self.input_price_per_mtok,
+            output_price_per_mtok=self.output_price_per_mtok,
+            cached_input_price_per_mtok=self.cached_input_price_per_mtok,
+        )
+
+
+class PriceHistory(models.Model):
+    """One row per price an offer has had, written when the price changes."""
+
+    offer = models.ForeignKey(ModelOffer, on_delete=models.CASCADE, related_name="price_history")
+    input_price_per_mtok = models.DecimalField(**PRICE_DIGITS, null=True, blank=True)
+    output_price_per_mtok = models.DecimalField(**PRICE_DIGITS, null=True, blank=True)
+    cached_input_price_per_mtok = models.DecimalField(**PRICE_DIGITS, null=True, blank=True)
+    recorded_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-recorded_at"]
+        verbose_name_plural = "price history"
+
+
+class ModelAlias(models.Model):
+    """Maps a provider's native model id to the canonical id it serves."""
+
+    provider = models.ForeignKey(Provider, on_delete=models.CASCADE, related_name="aliases")
+    upstream_model_id = models.CharField(max_length=200)
+    canonical_id = models.CharField(max_length=200)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["provider", "upstream_model_id"], name="unique_alias_per_provider"
+            )
+        ]
+        verbose_name_plural = "model aliases"
+
+    def __str__(self) -> str:
+        return f"{self.provider.slug}:{self.upstream_model_id} -> {self.canonical_id}"
+
+    def save(self, *args, **kwargs) -> None:
+        self.canonical_id = self.canonical_id.strip().lower()
+        super().save(*args, **kwargs)
+
+
+class RefreshRun(models.Model):
+    class Trigger(models.TextChoices):
+        SCHEDULE = "schedule", "Schedule"
+        COMMAND = "command", "Command"
+        ADMIN = "admin", "Admin button"
+
+    trigger = models.CharField(max_length=10, choices=Trigger.choices)
+    started_at = models.DateTimeField(default=timezone.now, db_index=True)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    error_count = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-started_at"]
+
+    def __str__(self) -> str:
+        return f"Refresh {self.started_at:%Y-%m-%d %H:%M:%S} ({self.trigger})"
+
+    @property
+    def ok(self) -> bool:
+        return self.duration_ms is not None and self.error_count == 0
+
+
+class RefreshResult(models.Model):
+    """What one refresh run did for one provider."""
+
+    run = models.ForeignKey(RefreshRun, on_delete=models.CASCADE, related_name="results")
+    provider = models.ForeignKey(Provider, on_delete=models.SET_NULL, null=True)
+    provider_slug = models.CharField(max_length=50)
+    offers_seen = models.PositiveIntegerField(default=0)
+    added = models.PositiveIntegerField(default=0)
+    updated = models.PositiveIntegerField(default=0)
+    deactivated = models.PositiveIntegerField(default=0)
+    balances_updated = models.PositiveIntegerField(default=0)
+    duration_ms = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["provider_slug"]
+
+    def __str__(self) -> str:
+        return self.provider_slug
