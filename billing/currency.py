@@ -33,5 +33,5 @@ def usd_per_unit(currency: str, rates: Mapping[str, Decimal] | None = None) -> D
 
 
 def to_usd(amount: Decimal, currency: str, rates: Mapping[str, Decimal] | None = None) -> Decimal:
-    """Convert ``amount`` of ``currency`` to USD with the stored rate (``rates`` from a snapshot)."""
+    """Convert ``amount`` of ``currency`` to USD at the stored rate (``rates``: a snapshot's)."""
     return amount * usd_per_unit(currency, rates)

@@ -61,7 +61,7 @@ class ApiKey(models.Model):
 
     @classmethod
     def create_key(cls, *, name: str, **fields) -> tuple[ApiKey, str]:
-        """Create a key and return it with its plain value, which is never stored nor shown again."""
+        """Create a key; return it with its plain value, which is never stored nor shown again."""
         plain = API_KEY_PREFIX + secrets.token_urlsafe(32)
         api_key = cls(name=name, **fields)
         api_key.set_key(plain)
@@ -155,3 +155,6 @@ class Attempt(models.Model):
 
     class Meta:
         ordering = ["entry", "number"]
+
+    def __str__(self) -> str:
+        return f"attempt {self.number} of {self.entry_id}"

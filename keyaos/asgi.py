@@ -11,7 +11,7 @@ import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "keyaos.settings")
 
-import django  # noqa: E402
+import django
 
 django.setup(set_prefix=False)
 
@@ -19,6 +19,7 @@ from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 from django.core.handlers.exception import convert_exception_to_response  # noqa: E402
 
 from routing import runtime  # noqa: E402
+from routing.middleware import openai_errors  # noqa: E402
 
 
 class GatewayASGIHandler(ASGIHandler):
@@ -28,7 +29,9 @@ class GatewayASGIHandler(ASGIHandler):
         self._view_middleware = []
         self._template_response_middleware = []
         self._exception_middleware = []
-        self._middleware_chain = convert_exception_to_response(self._get_response_async)
+        self._middleware_chain = convert_exception_to_response(
+            openai_errors(convert_exception_to_response(self._get_response_async))
+        )
 
 
 django_application = ASGIHandler()

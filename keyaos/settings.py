@@ -65,7 +65,8 @@ for _index, _key in enumerate(KEYAOS_ENCRYPTION_KEYS):
         raise ImproperlyConfigured(
             f"KEYAOS_ENCRYPTION_KEYS entry #{_index + 1} is not a valid Fernet key "
             "(32 url-safe base64-encoded bytes; make one with "
-            "`python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'`)."
+            "`python -c 'from cryptography.fernet import Fernet; "
+            "print(Fernet.generate_key().decode())'`)."
         ) from None
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
@@ -213,3 +214,4 @@ KEYAOS_SNAPSHOT_POLL_S = env_float("KEYAOS_SNAPSHOT_POLL_S", 0.5)
 KEYAOS_TRANSIENT_COOLDOWN_S = env_float("KEYAOS_TRANSIENT_COOLDOWN_S", 5.0)
 KEYAOS_MAX_COOLDOWN_S = env_float("KEYAOS_MAX_COOLDOWN_S", 300.0)
 KEYAOS_RATE_LIMIT_COOLDOWN_S = env_float("KEYAOS_RATE_LIMIT_COOLDOWN_S", 30.0)
+DATA_UPLOAD_MAX_MEMORY_SIZE = KEYAOS_MAX_BODY_BYTES

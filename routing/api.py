@@ -1,3 +1,82 @@
+"""The OpenAI-compatible ``/v1`` API: thin async views over the proxy and the snapshot."""
+
+from __future__ import annotations
+
+import time
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http.request import RawPostDataException
 from ninja import NinjaAPI
 
-api = NinjaAPI(title="Keyaos", urls_namespace="v1")
+from routing.auth import authenticate
+from routing.catalog import list_models, model_entry
+from routing.proxy import Proxy, error_response
+from routing.requests import GatewayError, body_too_large, parse_client_request
+from routing.runtime import runtime
+
+api = NinjaAPI(
+    title="Keyaos",
+    description="OpenAI-compatible gateway over pooled provider keys.",
+    urls_namespace="v1",
+    docs_url=None,
+    openapi_url=None,
+)
+
+
+async def _proxy(request: HttpRequest, endpoint: str) -> HttpResponse:
+    started = time.perf_counter()
+    gateway = await runtime.ready()
+    try:
+        client = authenticate(request, gateway.snapshot)
+        client_request = parse_client_request(endpoint, _body(request))
+    except GatewayError as error:
+        return error_response(error)
+    proxy = Proxy(gateway, client_request, api_key_id=client.id or None, started=started)
+    return await proxy.respond()
+
+
+def _body(request: HttpRequest) -> bytes:
+    from django.conf import settings
+
+    declared = request.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > settings.KEYAOS_MAX_BODY_BYTES:
+        raise body_too_large()
+    try:
+        return request.body
+    except RawPostDataException:
+        raise GatewayError(400, "The request body could not be read.") from None
+
+
+@api.post("/chat/completions", include_in_schema=False)
+async def chat_completions(request: HttpRequest) -> HttpResponse:
+    return await _proxy(request, "chat/completions")
+
+
+@api.post("/completions", include_in_schema=False)
+async def completions(request: HttpRequest) -> HttpResponse:
+    return await _proxy(request, "completions")
+
+
+@api.post("/embeddings", include_in_schema=False)
+async def embeddings(request: HttpRequest) -> HttpResponse:
+    return await _proxy(request, "embeddings")
+
+
+@api.get("/models", include_in_schema=False)
+async def models(request: HttpRequest) -> HttpResponse:
+    gateway = await runtime.ready()
+    try:
+        authenticate(request, gateway.snapshot)
+    except GatewayError as error:
+        return error_response(error)
+    return JsonResponse({"object": "list", "data": list_models(gateway.snapshot, gateway.board)})
+
+
+@api.get("/models/{path:model}", include_in_schema=False)
+async def model(request: HttpRequest, model: str) -> HttpResponse:
+    gateway = await runtime.ready()
+    try:
+        authenticate(request, gateway.snapshot)
+        return JsonResponse(model_entry(gateway.snapshot, gateway.board, model))
+    except GatewayError as error:
+        return error_response(error)

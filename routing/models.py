@@ -18,6 +18,9 @@ class SnapshotVersion(models.Model):
 
     token = models.UUIDField(default=uuid.uuid4)
 
+    def __str__(self) -> str:
+        return str(self.token)
+
     @classmethod
     def bump(cls) -> None:
         if not cls.objects.filter(pk=1).update(token=uuid.uuid4()):

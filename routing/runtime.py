@@ -1,6 +1,118 @@
+"""Per-process gateway state: routing snapshot, key health, upstream client, ledger writer.
+
+Created in the event loop that serves ``/v1`` (at ASGI lifespan start-up, or lazily by the first
+request when the server runs without lifespan) and closed at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+from django.conf import settings
+
+from billing.recorder import LedgerWriter
+from keyaos.db import db_task
+from routing.health import HealthBoard
+from routing.models import SnapshotVersion
+from routing.snapshot import Snapshot, build_snapshot
+
+logger = logging.getLogger("keyaos.gateway")
+
+
+class Runtime:
+    def __init__(self) -> None:
+        self.snapshot: Snapshot | None = None
+        self.board = HealthBoard()
+        self.ledger = LedgerWriter()
+        self.client: httpx.AsyncClient | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._poller: asyncio.Task | None = None
+        self._starting: asyncio.Lock | None = None
+        self.background: set[asyncio.Task] = set()
+
+    async def ready(self) -> Runtime:
+        if self.loop is asyncio.get_running_loop() and self.snapshot is not None:
+            return self
+        await self.start()
+        return self
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop:
+            self.loop, self._starting = loop, asyncio.Lock()
+            self.snapshot, self.client = None, None
+        async with self._starting:
+            if self.snapshot is not None:
+                return
+            self.client = new_upstream_client()
+            self.snapshot = await db_task(build_snapshot)()
+            self.ledger = LedgerWriter()
+            self.ledger.start()
+            self._poller = loop.create_task(self._poll(), name="snapshot-poller")
+
+    async def stop(self) -> None:
+        if self.loop is None:
+            return
+        if self._poller is not None:
+            self._poller.cancel()
+        if self.background:
+            await asyncio.wait(self.background, timeout=5)
+        await self.ledger.stop()
+        if self.client is not None:
+            await self.client.aclose()
+        self.snapshot, self.client, self.loop = None, None, None
+
+    def spawn(self, coroutine) -> asyncio.Task:
+        """Run work after the response, keeping a reference so it is not collected midway."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
+
+    async def reload(self) -> None:
+        self.snapshot = await db_task(build_snapshot)()
+        self.board.forget_marks(self.snapshot.keys)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(settings.KEYAOS_SNAPSHOT_POLL_S)
+            try:
+                token = await db_task(SnapshotVersion.current)()
+                if self.snapshot is None or token != self.snapshot.token:
+                    await self.reload()
+                key_ids = [k.id for keys in self.snapshot.keys.values() for k in keys]
+                await self.board.merge_shared(key_ids)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("snapshot refresh failed; routing keeps the previous snapshot")
+
+
+def new_upstream_client() -> httpx.AsyncClient:
+    """One pooled client per process: large pool, and timeouts that allow a slow first token."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(
+            connect=settings.KEYAOS_CONNECT_TIMEOUT_S,
+            read=settings.KEYAOS_READ_TIMEOUT_S,
+            write=30.0,
+            pool=settings.KEYAOS_CONNECT_TIMEOUT_S,
+        ),
+        limits=httpx.Limits(
+            max_connections=1000, max_keepalive_connections=200, keepalive_expiry=60
+        ),
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+runtime = Runtime()
+
+
 async def startup() -> None:
-    pass
+    await runtime.start()
 
 
 async def shutdown() -> None:
-    pass
+    await runtime.stop()

@@ -19,3 +19,75 @@ def fake_upstream(_fake_upstream_server):
     _fake_upstream_server.reset()
     yield _fake_upstream_server
     _fake_upstream_server.reset()
+
+
+class Gateway:
+    """The real ASGI app (keyaos.asgi) served by uvicorn on 127.0.0.1, as in production."""
+
+    def __init__(self) -> None:
+        import uvicorn
+
+        from tests.fake_upstream import free_port, start_server
+
+        self.port = free_port()
+        config = uvicorn.Config(
+            "keyaos.asgi:application",
+            host="127.0.0.1",
+            port=self.port,
+            lifespan="on",
+            log_level="warning",
+        )
+        self.server = start_server(config)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def run(self, coroutine, timeout: float = 30):
+        import asyncio
+
+        from routing.runtime import runtime
+
+        return asyncio.run_coroutine_threadsafe(coroutine, runtime.loop).result(timeout)
+
+    def reload(self) -> None:
+        """Make the gateway read the database now instead of at its next poll."""
+        from routing.runtime import runtime
+
+        self.run(runtime.reload())
+
+    def flush_ledger(self) -> None:
+        from routing.runtime import runtime
+
+        self.run(runtime.ledger.flush())
+
+    def reset_health(self) -> None:
+        from django.core.cache import cache
+
+        from routing.health import HealthBoard
+        from routing.runtime import runtime
+
+        cache.clear()
+        runtime.board = HealthBoard()
+
+    def stop(self) -> None:
+        from tests.fake_upstream import stop_server
+
+        stop_server(self.server)
+
+
+@pytest.fixture(scope="session")
+def _gateway_server(django_db_setup, django_db_blocker):
+    with django_db_blocker.unblock():
+        gateway = Gateway()
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture
+def gateway(_gateway_server, transactional_db):
+    """The gateway over real HTTP, with a fresh snapshot and clean key health for each test."""
+    _gateway_server.reset_health()
+    _gateway_server.reload()
+    yield _gateway_server
+    _gateway_server.flush_ledger()

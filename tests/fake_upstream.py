@@ -131,7 +131,9 @@ class FakeUpstream:
             await _send_reply(send, answer)
 
     def start(self) -> None:
-        config = uvicorn.Config(self, host="127.0.0.1", port=self.port, lifespan="off", log_level="warning")
+        config = uvicorn.Config(
+            self, host="127.0.0.1", port=self.port, lifespan="off", log_level="warning"
+        )
         self.server = start_server(config)
 
     def stop(self) -> None:
@@ -187,3 +189,52 @@ def stop_server(server: uvicorn.Server | None) -> None:
     if server is not None:
         server.should_exit = True
         server.thread.join(timeout=10)  # type: ignore[attr-defined]
+
+
+def chat_completion(model: str, content: str = "Hello!", **usage: Any) -> dict[str, Any]:
+    """A non-streaming chat answer in OpenAI's shape, ``usage`` as the provider sends it."""
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 1760000000,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": usage or {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+    }
+
+
+def chat_chunks(
+    model: str, words: list[str], usage: dict[str, Any] | None = None, *, done: bool = True
+) -> list[bytes]:
+    """A streamed chat answer: a role chunk, one chunk per word, a finish chunk, a usage chunk."""
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": 1760000000,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+
+    payloads = [chunk({"role": "assistant", "content": ""})]
+    payloads += [chunk({"content": word}) for word in words]
+    payloads.append(chunk({}, "stop"))
+    if usage is not None:
+        payloads.append(
+            {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": 1760000000,
+                "model": model,
+                "choices": [],
+                "usage": usage,
+            }
+        )
+    return sse(*payloads, done=done)

@@ -1,0 +1,205 @@
+"""Writes the ledger after responses, in batches, off the request path.
+
+The proxy hands each finished request to ``LedgerWriter.submit`` (no I/O); a background task
+writes batches in one transaction: the ledger rows, their failed attempts, the upstream balance
+debits and the client keys' last use. A database error keeps the batch and retries it with
+backoff, so a short outage loses nothing; what is still queued in memory when the process is
+killed is lost (a clean shutdown flushes it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from billing.costs import Cost, Prices, request_cost
+from billing.models import ApiKey, Attempt, LedgerEntry
+from billing.usage import Usage
+from keyaos.db import db_task
+from providers.models import UpstreamKey
+from providers.signals import bump_snapshot_version
+
+logger = logging.getLogger("keyaos.ledger")
+
+BATCH_SIZE = 500
+MAX_BACKOFF_S = 10.0
+
+
+@dataclass
+class AttemptRecord:
+    provider_id: int
+    upstream_key_id: int
+    upstream_model: str
+    status_code: int | None
+    failure: str
+    error: str
+    duration_ms: int
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    api_key_id: int | None
+    requested_model: str
+    endpoint: str
+    streamed: bool
+    outcome: str
+    status_code: int
+    created_at: datetime = field(default_factory=timezone.now)
+    provider_id: int | None = None
+    upstream_key_id: int | None = None
+    upstream_model: str = ""
+    usage: Usage = field(default_factory=Usage)
+    prices: Prices | None = None
+    multiplier: Decimal = Decimal(1)
+    usd_per_unit: Decimal = Decimal(1)
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    latency_ms: int = 0
+    ttfb_ms: int | None = None
+    overhead_ms: float | None = None
+    error: str = ""
+
+    def cost(self) -> Cost | None:
+        if self.prices is None or (
+            self.usage.total_tokens == 0 and self.usage.reported_cost is None
+        ):
+            return None
+        return request_cost(
+            self.usage, self.prices, multiplier=self.multiplier, usd_per_unit=self.usd_per_unit
+        )
+
+
+def write_records(records: list[RequestRecord]) -> None:
+    """Write a batch: ledger rows, attempts, balance debits and last-use times, atomically."""
+    debits: dict[int, Decimal] = defaultdict(Decimal)
+    last_used: dict[int, datetime] = {}
+    entries = []
+    for record in records:
+        cost = record.cost()
+        entries.append(_ledger_entry(record, cost))
+        if cost is not None and record.upstream_key_id and cost.list_cost:
+            debits[record.upstream_key_id] += cost.list_cost
+        if record.api_key_id:
+            last_used[record.api_key_id] = max(
+                record.created_at, last_used.get(record.api_key_id, record.created_at)
+            )
+    with transaction.atomic():
+        created = LedgerEntry.objects.bulk_create(entries)
+        Attempt.objects.bulk_create(
+            Attempt(entry_id=entry.pk, number=number, **vars(attempt))
+            for entry, record in zip(created, records, strict=True)
+            for number, attempt in enumerate(record.attempts, start=1)
+        )
+        _debit_balances(debits)
+        for api_key_id, when in last_used.items():
+            ApiKey.objects.filter(pk=api_key_id).update(last_used_at=when)
+
+
+def _debit_balances(debits: dict[int, Decimal]) -> None:
+    """Lower known balances by the list cost, atomically; a key at zero becomes exhausted."""
+    exhausted = 0
+    for key_id, amount in sorted(debits.items()):
+        UpstreamKey.objects.filter(pk=key_id, balance__isnull=False).update(
+            balance=F("balance") - amount
+        )
+        exhausted += UpstreamKey.objects.filter(
+            pk=key_id, balance__lte=0, health=UpstreamKey.Health.OK
+        ).update(
+            health=UpstreamKey.Health.EXHAUSTED,
+            last_error="balance reached zero",
+            last_error_at=timezone.now(),
+        )
+    if exhausted:
+        bump_snapshot_version()
+
+
+def _ledger_entry(record: RequestRecord, cost: Cost | None) -> LedgerEntry:
+    usage = record.usage
+    entry = LedgerEntry(
+        request_id=record.request_id,
+        created_at=record.created_at,
+        api_key_id=record.api_key_id,
+        provider_id=record.provider_id,
+        upstream_key_id=record.upstream_key_id,
+        requested_model=record.requested_model[:200],
+        upstream_model=record.upstream_model,
+        endpoint=record.endpoint,
+        streamed=record.streamed,
+        outcome=record.outcome,
+        status_code=record.status_code,
+        attempts=len(record.attempts),
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+        usage_source=usage.source,
+        latency_ms=record.latency_ms,
+        ttfb_ms=record.ttfb_ms,
+        overhead_ms=round(Decimal(record.overhead_ms), 3)
+        if record.overhead_ms is not None
+        else None,
+        error=record.error,
+    )
+    if record.prices is not None:
+        entry.currency = record.prices.currency
+    if cost is not None:
+        entry.cost = cost.list_cost
+        entry.cost_source = cost.source
+        entry.usd_per_unit = cost.usd_per_unit
+        entry.cost_usd = cost.cost_usd
+        entry.list_cost_usd = cost.list_cost_usd
+    return entry
+
+
+class LedgerWriter:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[RequestRecord] = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._run(), name="ledger-writer")
+
+    def submit(self, record: RequestRecord) -> None:
+        self.queue.put_nowait(record)
+
+    async def flush(self) -> None:
+        await self.queue.join()
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        try:
+            await asyncio.wait_for(self.flush(), timeout_s)
+        except TimeoutError:
+            logger.error("ledger: %d records not written at shutdown", self.queue.qsize())
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < BATCH_SIZE and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            await self._write_with_retries(batch)
+            for _ in batch:
+                self.queue.task_done()
+
+    async def _write_with_retries(self, batch: list[RequestRecord]) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                await db_task(write_records)(batch)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("ledger: writing %d records failed; retrying", len(batch))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)

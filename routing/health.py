@@ -1,0 +1,113 @@
+"""Key health seen by the gateway: cooldowns shared through the cache, hard failures persisted.
+
+Cooldowns live in the Django cache (Redis when configured), so every gateway process honours a
+429 that one of them received; each process keeps a local copy, merged from the cache by the
+snapshot poller, so the request path reads memory only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+
+from django.conf import settings
+from django.core.cache import cache
+from django.utils import timezone
+
+from keyaos.db import db_task
+from providers.models import UpstreamKey
+from providers.signals import bump_snapshot_version
+from routing.failures import Failure
+from routing.snapshot import KeyInfo
+
+logger = logging.getLogger("keyaos.health")
+
+COOLDOWN_KEY = "cooldown:{}"
+FAILURES_KEY = "failures:{}"
+
+
+class HealthBoard:
+    def __init__(self) -> None:
+        self.cooldowns: dict[int, float] = {}  # key id -> epoch seconds
+        self.marked: dict[int, str] = {}  # key id -> health set here, until the snapshot shows it
+        self.failures: dict[int, int] = {}
+
+    def unusable_reason(self, key: KeyInfo, now: float | None = None) -> str | None:
+        now = time.time() if now is None else now
+        health = self.marked.get(key.id, key.health)
+        if health == UpstreamKey.Health.INVALID:
+            return f"invalid: {key.last_error or 'rejected by the provider'}"
+        if health == UpstreamKey.Health.EXHAUSTED:
+            return "exhausted (no credit left)"
+        until = max(self.cooldowns.get(key.id, 0.0), _epoch(key))
+        if until > now:
+            return f"cooling down for {until - now:.0f}s more"
+        if key.balance is not None and key.balance <= 0:
+            return "balance is zero"
+        return None
+
+    def forget_marks(self, keys: dict[int, list[KeyInfo]]) -> None:
+        """Drop local marks once a rebuilt snapshot carries the persisted state."""
+        seen = {key.id: key.health for provider_keys in keys.values() for key in provider_keys}
+        for key_id, health in list(self.marked.items()):
+            if seen.get(key_id) == health:
+                del self.marked[key_id]
+
+    async def merge_shared(self, key_ids: list[int]) -> None:
+        if not key_ids:
+            return
+        shared = await cache.aget_many([COOLDOWN_KEY.format(key_id) for key_id in key_ids])
+        for name, until in shared.items():
+            key_id = int(name.split(":")[1])
+            if until > self.cooldowns.get(key_id, 0.0):
+                self.cooldowns[key_id] = until
+
+    def record_success(self, key: KeyInfo) -> None:
+        if self.failures.pop(key.id, None):
+            self.cooldowns.pop(key.id, None)
+
+    async def record_failure(
+        self, key: KeyInfo, failure: Failure, message: str, retry_after_s: float | None = None
+    ) -> None:
+        if failure == Failure.CLIENT:
+            return
+        if failure in (Failure.INVALID, Failure.EXHAUSTED):
+            self.marked[key.id] = failure.value
+            await db_task(persist_health)(key.id, failure.value, message)
+            return
+        if failure == Failure.RATE_LIMITED:
+            seconds = (
+                retry_after_s
+                if retry_after_s is not None
+                else (settings.KEYAOS_RATE_LIMIT_COOLDOWN_S)
+            )
+        else:
+            count = self.failures.get(key.id, 0) + 1
+            self.failures[key.id] = count
+            seconds = settings.KEYAOS_TRANSIENT_COOLDOWN_S * 2 ** (count - 1)
+        seconds = min(seconds, settings.KEYAOS_MAX_COOLDOWN_S)
+        until = time.time() + seconds
+        self.cooldowns[key.id] = until
+        await cache.aset(COOLDOWN_KEY.format(key.id), until, timeout=int(seconds) + 1)
+        await db_task(persist_cooldown)(key.id, seconds, message)
+
+
+def persist_health(key_id: int, health: str, message: str) -> None:
+    UpstreamKey.objects.filter(pk=key_id).update(
+        health=health, last_error=message, last_error_at=timezone.now()
+    )
+    bump_snapshot_version()
+    logger.warning("upstream key %s marked %s: %s", key_id, health, message)
+
+
+def persist_cooldown(key_id: int, seconds: float, message: str) -> None:
+    """Shown in the admin; routing reads cooldowns from the cache, so no snapshot rebuild."""
+    now = timezone.now()
+    UpstreamKey.objects.filter(pk=key_id).update(
+        cooldown_until=now + timedelta(seconds=seconds), last_error=message, last_error_at=now
+    )
+
+
+def _epoch(key: KeyInfo) -> float:
+    return key.cooldown_until.timestamp() if key.cooldown_until else 0.0

@@ -1,0 +1,477 @@
+"""Sends a request to its cheapest healthy candidate, fails over, and relays the answer.
+
+Before the first byte reaches the client any failure moves on to the next candidate; after it, a
+stream ends with an SSE error event. Stream bytes are forwarded as they arrive; only events that
+mention usage are parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from django.conf import settings
+from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+
+from billing.currency import usd_per_unit
+from billing.models import LedgerEntry
+from billing.recorder import AttemptRecord, RequestRecord
+from billing.usage import Usage, estimate_usage, parse_usage_json
+from routing.dispatcher import (
+    AmbiguousModel,
+    Candidate,
+    Decision,
+    ModelNotFound,
+    rank_candidates,
+    resolve_model,
+)
+from routing.failures import Failure, classify, redact, retry_after_seconds, upstream_message
+from routing.requests import ClientRequest, GatewayError
+from routing.runtime import Runtime
+
+Outcome = LedgerEntry.Outcome
+
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+_EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+_TEXT_FIELD = re.compile(
+    rb'"(?:content|text|reasoning|reasoning_content)"\s*:\s*"((?:[^"\\]|\\.)*)"'
+)
+_ERROR_EVENT = re.compile(rb'^data:\s*\{\s*"error"')
+_FAILURE_STATUS = {  # what the client sees when every candidate failed this way
+    Failure.RATE_LIMITED: 429,
+    Failure.EXHAUSTED: 402,
+    Failure.INVALID: 503,
+    Failure.TRANSIENT: 502,
+}
+
+
+@dataclass
+class AttemptFailure:
+    failure: Failure
+    status: int | None
+    message: str
+    retry_after_s: float | None = None
+
+
+class Proxy:
+    """One client request on its way through the gateway."""
+
+    def __init__(
+        self, runtime: Runtime, request: ClientRequest, *, api_key_id: int | None, started: float
+    ) -> None:
+        self.runtime = runtime
+        self.request = request
+        self.started = started
+        self.overhead_ms: float | None = None
+        self.request_id = "req_" + uuid.uuid4().hex
+        self.record = RequestRecord(
+            request_id=self.request_id,
+            api_key_id=api_key_id,
+            requested_model=request.model,
+            endpoint=request.endpoint,
+            streamed=request.stream,
+            outcome=Outcome.UPSTREAM_ERROR,
+            status_code=502,
+        )
+
+    async def respond(self) -> HttpResponse:
+        try:
+            decision = self._decide()
+        except GatewayError as error:
+            return self.fail(error, Outcome.CLIENT_ERROR)
+        if not decision.candidates:
+            return self.fail(_no_candidate_error(decision), Outcome.UPSTREAM_ERROR)
+        last: AttemptFailure | None = None
+        failures: list[AttemptFailure] = []
+        for candidate in decision.candidates[: settings.KEYAOS_MAX_ATTEMPTS]:
+            response = await self._attempt(candidate)
+            if not isinstance(response, AttemptFailure):
+                return response
+            last = response
+            failures.append(response)
+        return self.fail(_all_failed_error(failures, last), Outcome.UPSTREAM_ERROR)
+
+    def _decide(self) -> Decision:
+        snapshot = self.runtime.snapshot
+        try:
+            model = resolve_model(snapshot, self.request.model)
+        except ModelNotFound:
+            raise GatewayError(
+                404,
+                f"The model {self.request.model!r} does not exist or no provider offers it.",
+                code="model_not_found",
+                param="model",
+            ) from None
+        except AmbiguousModel as error:
+            raise GatewayError(400, str(error), code="ambiguous_model", param="model") from None
+        return rank_candidates(
+            snapshot,
+            model,
+            board=self.runtime.board,
+            prompt_tokens=self.request.prompt_tokens,
+            output_tokens=self.request.output_tokens,
+            kind=self.request.kind,
+            preferences=self.request.preferences,
+        )
+
+    async def _attempt(self, candidate: Candidate) -> HttpResponse | AttemptFailure:
+        offer, key = candidate.offer, candidate.key
+        provider = offer.provider
+        headers = {
+            **provider.auth_headers(key.secret),
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream" if self.request.stream else "application/json",
+            "X-Request-Id": self.request_id,
+        }
+        upstream = self.runtime.client.build_request(
+            "POST",
+            provider.url(self.request.endpoint),
+            content=self.request.upstream_body(offer.upstream_model_id),
+            headers=headers,
+            timeout=httpx.Timeout(
+                settings.KEYAOS_CONNECT_TIMEOUT_S,
+                read=provider.read_timeout_s,
+                pool=settings.KEYAOS_CONNECT_TIMEOUT_S,
+            ),
+        )
+        attempt_started = time.perf_counter()
+        if self.overhead_ms is None:
+            self.overhead_ms = (attempt_started - self.started) * 1000
+        try:
+            response = await self.runtime.client.send(upstream, stream=True)
+        except httpx.TimeoutException:
+            failure = AttemptFailure(
+                Failure.TRANSIENT, None, f"{provider.slug} timed out before answering"
+            )
+            return await self._failed(candidate, failure, attempt_started)
+        except httpx.HTTPError as error:
+            message = f"{provider.slug} could not be reached: {type(error).__name__}"
+            return await self._failed(
+                candidate, AttemptFailure(Failure.TRANSIENT, None, message), attempt_started
+            )
+        failure = await self._check_answer(response, candidate)
+        if failure is not None:
+            await response.aclose()
+            if failure.failure == Failure.CLIENT:
+                return await self._client_error(candidate, response, failure, attempt_started)
+            return await self._failed(candidate, failure, attempt_started)
+        self.runtime.board.record_success(key)
+        self._chosen(candidate)
+        if self.request.stream:
+            return self._stream_response(candidate, response, attempt_started)
+        return await self._json_response(candidate, response, attempt_started)
+
+    async def _check_answer(
+        self, response: httpx.Response, candidate: Candidate
+    ) -> AttemptFailure | None:
+        content_type = response.headers.get("content-type", "")
+        if response.is_success:
+            expected = "text/event-stream" if self.request.stream else "application/json"
+            if expected in content_type:
+                return None
+            await _read_some(response)
+            return AttemptFailure(
+                Failure.TRANSIENT,
+                response.status_code,
+                f"{candidate.provider.slug} answered {response.status_code} with "
+                f"{content_type or 'no content type'} instead of {expected}",
+            )
+        body = await _read_some(response)
+        message = redact(upstream_message(body), candidate.key.secret)
+        failure = classify(response.status_code, message)
+        retry_after = retry_after_seconds(response.headers.get("retry-after"))
+        return AttemptFailure(failure, response.status_code, message, retry_after)
+
+    async def _failed(
+        self, candidate: Candidate, failure: AttemptFailure, attempt_started: float
+    ) -> AttemptFailure:
+        self._add_attempt(
+            candidate, failure.status, failure.failure.value, failure.message, attempt_started
+        )
+        await self.runtime.board.record_failure(
+            candidate.key, failure.failure, failure.message, failure.retry_after_s
+        )
+        return failure
+
+    async def _client_error(
+        self,
+        candidate: Candidate,
+        response: httpx.Response,
+        failure: AttemptFailure,
+        attempt_started: float,
+    ) -> HttpResponse:
+        """The upstream says the request itself is wrong: pass its answer back unchanged."""
+        self._add_attempt(
+            candidate, failure.status, failure.failure.value, failure.message, attempt_started
+        )
+        self._chosen(candidate)
+        self.record.outcome = Outcome.CLIENT_ERROR
+        self.record.status_code = response.status_code
+        self.record.error = failure.message
+        self._finish()
+        answer = HttpResponse(
+            response.content,
+            status=response.status_code,
+            content_type=response.headers.get("content-type", "application/json"),
+        )
+        return self._with_headers(answer, candidate)
+
+    async def _json_response(
+        self, candidate: Candidate, response: httpx.Response, attempt_started: float
+    ) -> HttpResponse:
+        try:
+            content = await response.aread()
+        except httpx.HTTPError as error:
+            await response.aclose()
+            message = f"{candidate.provider.slug} dropped the answer: {type(error).__name__}"
+            await self.runtime.board.record_failure(candidate.key, Failure.TRANSIENT, message)
+            return self.fail(
+                GatewayError(502, message, type="upstream_error"), Outcome.UPSTREAM_ERROR
+            )
+        self.record.ttfb_ms = _ms_since(self.started)
+        self.record.outcome = Outcome.OK
+        self.record.status_code = response.status_code
+        self.record.usage = parse_usage_json(content) or self._estimated_usage(_text_chars(content))
+        self._add_attempt(candidate, response.status_code, "", "", attempt_started)
+        self._finish()
+        answer = HttpResponse(
+            content,
+            status=response.status_code,
+            content_type=response.headers.get("content-type", "application/json"),
+        )
+        return self._with_headers(answer, candidate)
+
+    def _stream_response(
+        self, candidate: Candidate, response: httpx.Response, attempt_started: float
+    ) -> HttpResponse:
+        self.record.status_code = response.status_code
+        self._add_attempt(candidate, response.status_code, "", "", attempt_started)
+        answer = StreamingHttpResponse(
+            self._relay(candidate, response),
+            status=response.status_code,
+            content_type=response.headers.get("content-type", "text/event-stream"),
+        )
+        answer["Cache-Control"] = "no-cache"
+        answer["X-Accel-Buffering"] = "no"
+        return self._with_headers(answer, candidate)
+
+    async def _relay(self, candidate: Candidate, response: httpx.Response) -> AsyncIterator[bytes]:
+        reader = StreamReader(drop_usage_only=self.request.added_usage_option)
+        outcome = Outcome.OK
+        try:
+            async for chunk in response.aiter_raw():
+                if self.record.ttfb_ms is None:
+                    self.record.ttfb_ms = _ms_since(self.started)
+                forward = reader.feed(chunk)
+                if forward:
+                    yield forward
+            tail = reader.close()
+            if tail:
+                yield tail
+            if reader.error:
+                outcome = Outcome.STREAM_FAILED
+                self.record.error = redact(reader.error, candidate.key.secret)
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = Outcome.DISCONNECTED
+            raise
+        except httpx.HTTPError as error:
+            outcome = Outcome.STREAM_FAILED
+            message = f"{candidate.provider.slug} failed mid-stream: {type(error).__name__}"
+            self.record.error = message
+            self.runtime.spawn(
+                self.runtime.board.record_failure(candidate.key, Failure.TRANSIENT, message)
+            )
+            yield _sse_error(message, self.request_id)
+        finally:
+            await asyncio.shield(response.aclose())
+            self.record.outcome = outcome
+            self.record.usage = reader.usage or self._estimated_usage(reader.text_chars)
+            self._finish()
+
+    def _estimated_usage(self, completion_chars: int) -> Usage:
+        return estimate_usage(
+            prompt_tokens=self.request.prompt_tokens, completion_chars=completion_chars
+        )
+
+    def _chosen(self, candidate: Candidate) -> None:
+        offer = candidate.offer
+        self.record.provider_id = offer.provider.id
+        self.record.upstream_key_id = candidate.key.id
+        self.record.upstream_model = offer.upstream_model_id
+        self.record.prices = offer.prices
+        self.record.multiplier = candidate.key.multiplier
+        self.record.usd_per_unit = usd_per_unit(offer.prices.currency, self.runtime.snapshot.rates)
+
+    def _add_attempt(
+        self,
+        candidate: Candidate,
+        status: int | None,
+        failure: str,
+        message: str,
+        attempt_started: float,
+    ) -> None:
+        self.record.attempts.append(
+            AttemptRecord(
+                provider_id=candidate.provider.id,
+                upstream_key_id=candidate.key.id,
+                upstream_model=candidate.offer.upstream_model_id,
+                status_code=status,
+                failure=failure,
+                error=message,
+                duration_ms=_ms_since(attempt_started),
+            )
+        )
+
+    def _with_headers(self, response: HttpResponse, candidate: Candidate) -> HttpResponse:
+        response["x-request-id"] = self.request_id
+        response["x-keyaos-provider"] = candidate.provider.slug
+        response["x-keyaos-key"] = candidate.key.name
+        response["x-keyaos-attempts"] = str(len(self.record.attempts))
+        if self.overhead_ms is not None:
+            response["x-keyaos-overhead-ms"] = f"{self.overhead_ms:.3f}"
+        return response
+
+    def fail(self, error: GatewayError, outcome: str) -> HttpResponse:
+        self.record.outcome = outcome
+        self.record.status_code = error.status
+        self.record.error = error.message
+        self._finish()
+        response = error_response(error)
+        response["x-request-id"] = self.request_id
+        response["x-keyaos-attempts"] = str(len(self.record.attempts))
+        return response
+
+    def _finish(self) -> None:
+        self.record.latency_ms = _ms_since(self.started)
+        self.record.overhead_ms = self.overhead_ms
+        self.runtime.ledger.submit(self.record)
+
+
+class StreamReader:
+    """Splits SSE bytes into whole events, reads usage once, drops what the client did not ask for.
+
+    Only an event that mentions a usage object is parsed; the rest pass through byte for byte.
+    """
+
+    def __init__(self, *, drop_usage_only: bool) -> None:
+        self.drop_usage_only = drop_usage_only
+        self.buffer = b""
+        self.usage: Usage | None = None
+        self.text_chars = 0
+        self.error = ""
+
+    def feed(self, chunk: bytes) -> bytes:
+        self.buffer += chunk
+        forward = []
+        start = 0
+        for match in _EVENT_END.finditer(self.buffer):
+            event = self.buffer[start : match.end()]
+            start = match.end()
+            if self._keep(event):
+                forward.append(event)
+        self.buffer = self.buffer[start:]
+        return b"".join(forward)
+
+    def close(self) -> bytes:
+        tail, self.buffer = self.buffer, b""
+        if not tail.strip():
+            return b""
+        return tail if self._keep(tail) else b""
+
+    def _keep(self, event: bytes) -> bool:
+        for match in _TEXT_FIELD.finditer(event):
+            self.text_chars += len(match.group(1))
+        if _ERROR_EVENT.match(event):
+            self.error = upstream_message(event.split(b":", 1)[1])
+        if not _USAGE_OBJECT.search(event):
+            return True
+        usage = parse_usage_json(event.split(b":", 1)[1].strip())
+        if usage is not None:
+            self.usage = usage  # a repeated usage event replaces, never adds
+        return not (self.drop_usage_only and _EMPTY_CHOICES.search(event))
+
+
+def error_response(error: GatewayError) -> JsonResponse:
+    response = JsonResponse(error.body(), status=error.status)
+    for name, value in error.headers.items():
+        response[name] = value
+    return response
+
+
+def _no_candidate_error(decision: Decision) -> GatewayError:
+    reasons = sorted({f"{e.provider_slug} {e.key_name}: {e.reason}" for e in decision.excluded})
+    detail = "; ".join(reasons[:10]) or "no active offer"
+    return GatewayError(
+        503,
+        f"No usable upstream key serves {decision.model!r} right now ({detail}).",
+        type="upstream_error",
+        code="no_available_key",
+    )
+
+
+def _all_failed_error(failures: list[AttemptFailure], last: AttemptFailure | None) -> GatewayError:
+    classes = {failure.failure for failure in failures}
+    status = 502
+    for failure_class in (
+        Failure.RATE_LIMITED,
+        Failure.TRANSIENT,
+        Failure.EXHAUSTED,
+        Failure.INVALID,
+    ):
+        if failure_class in classes:
+            status = _FAILURE_STATUS[failure_class]
+            break
+    if status == 502 and last is not None and last.status is None and "timed out" in last.message:
+        status = 504
+    headers = {}
+    if status == 429:
+        waits = [f.retry_after_s for f in failures if f.retry_after_s is not None]
+        if waits:
+            headers["Retry-After"] = str(int(min(waits)) + 1)
+    return GatewayError(
+        status,
+        f"All {len(failures)} attempts failed; last upstream error: "
+        f"{last.message if last else '-'}",
+        type="upstream_error",
+        code="upstream_failed",
+        headers=headers,
+    )
+
+
+def _sse_error(message: str, request_id: str) -> bytes:
+    payload = {
+        "error": {
+            "message": message,
+            "type": "upstream_error",
+            "code": "stream_interrupted",
+            "request_id": request_id,
+        }
+    }
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def _text_chars(content: bytes) -> int:
+    return sum(len(match.group(1)) for match in _TEXT_FIELD.finditer(content))
+
+
+async def _read_some(response: httpx.Response, limit: int = 65536) -> bytes:
+    body = b""
+    try:
+        async for chunk in response.aiter_raw():
+            body += chunk
+            if len(body) >= limit:
+                break
+    except httpx.HTTPError:
+        pass
+    return body[:limit]
+
+
+def _ms_since(started: float) -> int:
+    return int((time.perf_counter() - started) * 1000)

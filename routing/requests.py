@@ -1,0 +1,181 @@
+"""Reading a client's request: just enough of the body to route it, with OpenAI-format errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+
+from billing.usage import estimate_text_tokens
+from routing.dispatcher import ProviderPreferences
+
+# endpoint -> (offer kind, body field holding the prompt)
+ENDPOINTS = {
+    "chat/completions": ("chat", "messages"),
+    "completions": ("chat", "prompt"),
+    "embeddings": ("embedding", "input"),
+}
+
+
+class GatewayError(Exception):
+    """An error answered to the client in the OpenAI format."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+@dataclass
+class ClientRequest:
+    endpoint: str
+    body: dict[str, Any]
+    model: str
+    stream: bool
+    kind: str
+    prompt_tokens: int
+    output_tokens: int
+    preferences: ProviderPreferences
+    added_usage_option: bool
+
+    def upstream_body(self, upstream_model_id: str) -> bytes:
+        return json.dumps({**self.body, "model": upstream_model_id}).encode()
+
+
+def parse_client_request(endpoint: str, raw: bytes) -> ClientRequest:
+    kind, prompt_field = ENDPOINTS[endpoint]
+    if len(raw) > settings.KEYAOS_MAX_BODY_BYTES:
+        raise body_too_large()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise GatewayError(
+            400, "The request body is not valid JSON.", code="invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise GatewayError(400, "The request body must be a JSON object.", code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise GatewayError(
+            400, "'model' is required and must be a non-empty string.", param="model"
+        )
+    if prompt_field not in body:
+        raise GatewayError(400, f"'{prompt_field}' is required.", param=prompt_field)
+    _check_types(body, endpoint)
+    stream = bool(body.get("stream", False)) and kind == "chat"
+    preferences = _preferences(body.pop("provider", None))
+    added_usage_option = False
+    if stream:
+        options = body.get("stream_options") or {}
+        if not options.get("include_usage"):
+            body["stream_options"] = {**options, "include_usage": True}
+            added_usage_option = True
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    return ClientRequest(
+        endpoint=endpoint,
+        body=body,
+        model=model.strip(),
+        stream=stream,
+        kind=kind,
+        prompt_tokens=prompt_token_estimate(body.get(prompt_field)),
+        output_tokens=0
+        if kind == "embedding"
+        else max_tokens or settings.KEYAOS_DEFAULT_MAX_TOKENS,
+        preferences=preferences,
+        added_usage_option=added_usage_option,
+    )
+
+
+def body_too_large() -> GatewayError:
+    return GatewayError(
+        413,
+        f"The request body is larger than {settings.KEYAOS_MAX_BODY_BYTES} bytes.",
+        code="request_too_large",
+    )
+
+
+def prompt_token_estimate(prompt: Any) -> int:
+    """Estimated prompt tokens: text parts of messages, prompts or embedding inputs."""
+    if isinstance(prompt, str):
+        return estimate_text_tokens(prompt)
+    if isinstance(prompt, list):
+        if prompt and all(isinstance(item, int) for item in prompt):
+            return len(prompt)  # already tokens
+        return sum(prompt_token_estimate(item) for item in prompt)
+    if isinstance(prompt, dict):
+        overhead = 4 if "role" in prompt else 0
+        return overhead + prompt_token_estimate(prompt.get("content", prompt.get("text", "")))
+    return 0
+
+
+_TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "stream": (bool, "a boolean"),
+    "max_tokens": (int, "an integer"),
+    "max_completion_tokens": (int, "an integer"),
+    "temperature": ((int, float), "a number"),
+    "top_p": ((int, float), "a number"),
+    "n": (int, "an integer"),
+    "stream_options": (dict, "an object"),
+}
+
+
+def _check_types(body: dict[str, Any], endpoint: str) -> None:
+    for field, (types, description) in _TYPES.items():
+        value = body.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) and types is not bool or not isinstance(value, types):
+            raise GatewayError(400, f"'{field}' must be {description}.", param=field)
+        if field in ("max_tokens", "max_completion_tokens") and value < 1:
+            raise GatewayError(400, f"'{field}' must be at least 1.", param=field)
+    if endpoint == "chat/completions":
+        messages = body["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise GatewayError(400, "'messages' must be a non-empty array.", param="messages")
+        if not all(isinstance(message, dict) for message in messages):
+            raise GatewayError(400, "Each message must be an object.", param="messages")
+
+
+def _preferences(value: Any) -> ProviderPreferences:
+    if value is None:
+        return ProviderPreferences()
+    if not isinstance(value, dict):
+        raise GatewayError(400, "'provider' must be an object.", param="provider")
+    lists = {}
+    for name in ("only", "ignore", "order"):
+        items = value.get(name) or []
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise GatewayError(
+                400, f"'provider.{name}' must be an array of provider slugs.", param="provider"
+            )
+        lists[name] = [item.lower() for item in items]
+    return ProviderPreferences(
+        only=frozenset(lists["only"]),
+        ignore=frozenset(lists["ignore"]),
+        order=tuple(lists["order"]),
+    )

@@ -1,0 +1,171 @@
+"""The in-process snapshot of everything routing reads: offers, prices, keys, rates, client keys.
+
+Built in one go from the database (off the event loop), then read per request without a query.
+``routing.runtime`` rebuilds it when ``SnapshotVersion`` changes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+
+from billing.costs import Prices
+from billing.currency import load_rates
+from billing.models import ApiKey
+from providers.crypto import SecretDecryptionError
+from providers.models import ModelOffer, Provider, UpstreamKey
+from routing.models import SnapshotVersion
+
+
+@dataclass(frozen=True)
+class ProviderInfo:
+    id: int
+    slug: str
+    name: str
+    base_url: str
+    currency: str
+    auth_style: str
+    read_timeout_s: float
+
+    def url(self, path: str) -> str:
+        return self.base_url.rstrip("/") + "/" + path.lstrip("/")
+
+    def auth_headers(self, secret: str) -> dict[str, str]:
+        if self.auth_style == Provider.AuthStyle.API_KEY:
+            return {"x-api-key": secret}
+        return {"Authorization": f"Bearer {secret}"}
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: int
+    provider_id: int
+    name: str
+    masked: str
+    secret: str = field(repr=False)
+    multiplier: Decimal
+    balance: Decimal | None
+    health: str
+    cooldown_until: datetime | None
+    last_error: str
+
+
+@dataclass(frozen=True)
+class OfferInfo:
+    id: int
+    provider: ProviderInfo
+    upstream_model_id: str
+    canonical_id: str
+    kind: str
+    prices: Prices | None
+    context_length: int | None
+    created: int  # unix time the offer was first seen, for the OpenAI model list
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    id: int
+    name: str
+
+
+@dataclass
+class Snapshot:
+    token: uuid.UUID | None
+    offers: dict[str, list[OfferInfo]]  # canonical id -> active offers
+    native_ids: dict[str, set[str]]  # lowercased native id -> canonical ids
+    keys: dict[int, list[KeyInfo]]  # provider id -> enabled keys, whatever their health
+    rates: dict[str, Decimal]
+    client_keys: dict[str, ClientKey]  # keyed hash -> key
+    disabled_client_keys: set[str]
+    unreadable_keys: list[str] = field(default_factory=list)
+
+    def bare_ids(self) -> dict[str, set[str]]:
+        names: dict[str, set[str]] = defaultdict(set)
+        for canonical in self.offers:
+            names[canonical.rsplit("/", 1)[-1]].add(canonical)
+        return names
+
+
+def build_snapshot() -> Snapshot:
+    """Read every routing table once. Sync: call it through ``sync_to_async``."""
+    token = SnapshotVersion.current()
+    providers = {
+        p.id: ProviderInfo(
+            id=p.id,
+            slug=p.slug,
+            name=p.name,
+            base_url=p.base_url,
+            currency=p.currency,
+            auth_style=p.auth_style,
+            read_timeout_s=p.read_timeout_s,
+        )
+        for p in Provider.objects.filter(enabled=True)
+    }
+    offers: dict[str, list[OfferInfo]] = defaultdict(list)
+    native_ids: dict[str, set[str]] = defaultdict(set)
+    for offer in ModelOffer.objects.filter(active=True, provider_id__in=providers):
+        info = OfferInfo(
+            id=offer.id,
+            provider=providers[offer.provider_id],
+            upstream_model_id=offer.upstream_model_id,
+            canonical_id=offer.canonical_id,
+            kind=offer.kind,
+            prices=_prices(offer, providers[offer.provider_id].currency),
+            context_length=offer.context_length,
+            created=int(offer.first_seen_at.timestamp()),
+        )
+        offers[offer.canonical_id].append(info)
+        native_ids[offer.upstream_model_id.lower()].add(offer.canonical_id)
+    keys: dict[int, list[KeyInfo]] = defaultdict(list)
+    unreadable: list[str] = []
+    for key in UpstreamKey.objects.filter(enabled=True, provider_id__in=providers):
+        try:
+            secret = key.secret
+        except SecretDecryptionError:
+            unreadable.append(key.name)
+            continue
+        keys[key.provider_id].append(
+            KeyInfo(
+                id=key.id,
+                provider_id=key.provider_id,
+                name=key.name,
+                masked=key.secret_masked,
+                secret=secret,
+                multiplier=key.multiplier,
+                balance=key.balance,
+                health=key.health,
+                cooldown_until=key.cooldown_until,
+                last_error=key.last_error,
+            )
+        )
+    client_keys: dict[str, ClientKey] = {}
+    disabled: set[str] = set()
+    for api_key in ApiKey.objects.only("id", "name", "key_hash", "enabled"):
+        if api_key.enabled:
+            client_keys[api_key.key_hash] = ClientKey(id=api_key.id, name=api_key.name)
+        else:
+            disabled.add(api_key.key_hash)
+    return Snapshot(
+        token=token,
+        offers=dict(offers),
+        native_ids=dict(native_ids),
+        keys=dict(keys),
+        rates=load_rates(),
+        client_keys=client_keys,
+        disabled_client_keys=disabled,
+        unreadable_keys=unreadable,
+    )
+
+
+def _prices(offer: ModelOffer, currency: str) -> Prices | None:
+    if not offer.has_prices:
+        return None
+    return Prices(
+        currency=currency,
+        input_per_mtok=offer.input_price_per_mtok,
+        output_per_mtok=offer.output_price_per_mtok,
+        cached_input_per_mtok=offer.cached_input_price_per_mtok,
+    )
