@@ -58,6 +58,7 @@ class AttemptFailure:
     status: int | None
     message: str
     retry_after_s: float | None = None
+    body: bytes = b""
 
 
 class Proxy:
@@ -187,7 +188,7 @@ class Proxy:
         message = redact(upstream_message(body), candidate.key.secret)
         failure = classify(response.status_code, message)
         retry_after = retry_after_seconds(response.headers.get("retry-after"))
-        return AttemptFailure(failure, response.status_code, message, retry_after)
+        return AttemptFailure(failure, response.status_code, message, retry_after, body)
 
     async def _failed(
         self, candidate: Candidate, failure: AttemptFailure, attempt_started: float
@@ -217,7 +218,7 @@ class Proxy:
         self.record.error = failure.message
         self._finish()
         answer = HttpResponse(
-            response.content,
+            failure.body,
             status=response.status_code,
             content_type=response.headers.get("content-type", "application/json"),
         )

@@ -31,6 +31,7 @@ class Runtime:
         self._poller: asyncio.Task | None = None
         self._starting: asyncio.Lock | None = None
         self.background: set[asyncio.Task] = set()
+        self._poll_failing = False
 
     async def ready(self) -> Runtime:
         if self.loop is asyncio.get_running_loop() and self.snapshot is not None:
@@ -87,7 +88,11 @@ class Runtime:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception("snapshot refresh failed; routing keeps the previous snapshot")
+                if not self._poll_failing:
+                    logger.exception("snapshot refresh failed; routing keeps the previous snapshot")
+                self._poll_failing = True
+            else:
+                self._poll_failing = False
 
 
 def new_upstream_client() -> httpx.AsyncClient:

@@ -124,7 +124,7 @@ class FakeUpstream:
             return
         answer = handler(request)
         if isinstance(answer, Stream):
-            await _send_stream(send, answer)
+            await _send_stream(send, receive, answer)
         else:
             if answer.delay_s:
                 await asyncio.sleep(answer.delay_s)
@@ -148,9 +148,10 @@ async def _send_reply(send, reply: Reply) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _send_stream(send, stream: Stream) -> None:
+async def _send_stream(send, receive, stream: Stream) -> None:
     headers = [(b"content-type", stream.content_type.encode()), (b"cache-control", b"no-cache")]
     await send({"type": "http.response.start", "status": stream.status, "headers": headers})
+    disconnected = asyncio.ensure_future(receive())  # completes when the client goes away
     try:
         if stream.first_delay_s:
             await asyncio.sleep(stream.first_delay_s)
@@ -158,11 +159,14 @@ async def _send_stream(send, stream: Stream) -> None:
             if stream.fail_after is not None and index >= stream.fail_after:
                 raise ConnectionAbortedError("fake upstream drops the connection mid-stream")
             if index and stream.gap_s:
-                await asyncio.sleep(stream.gap_s)
+                await asyncio.wait([disconnected], timeout=stream.gap_s)
+            if disconnected.done():
+                return
             await send({"type": "http.response.body", "body": event, "more_body": True})
             stream.sent += 1
         await send({"type": "http.response.body", "body": b""})
     finally:
+        disconnected.cancel()
         stream.closed.set()
 
 

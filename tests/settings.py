@@ -1,15 +1,20 @@
 """Test settings: the real settings, with throwaway keys when the environment gives none."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 from cryptography.fernet import Fernet
 
 os.environ.setdefault("SECRET_KEY", "test-" + "x" * 40)
 os.environ.setdefault("KEYAOS_ENCRYPTION_KEYS", Fernet.generate_key().decode())
-os.environ.setdefault("KEYAOS_STATE_DIR", os.path.join(tempfile.gettempdir(), "keyaos-test-state"))
+# Each test run gets its own state folder (and SQLite test database), so runs never collide.
+if "KEYAOS_STATE_DIR" not in os.environ:
+    os.environ["KEYAOS_STATE_DIR"] = tempfile.mkdtemp(prefix="keyaos-test-")
+    atexit.register(shutil.rmtree, os.environ["KEYAOS_STATE_DIR"], ignore_errors=True)
 
-from keyaos.settings import *  # noqa: E402,F403
+from keyaos.settings import *  # noqa: F403
 
 STORAGES["staticfiles"] = {  # noqa: F405
     "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"

@@ -1,0 +1,181 @@
+"""Failover and key health: each failure class leaves the key in the state it calls for."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from billing.models import Attempt, LedgerEntry
+from providers.models import UpstreamKey
+from tests.factories import make_client_key, make_key, make_offer, make_provider
+from tests.fake_upstream import Reply, chat_completion
+
+MODEL = "meta-llama/llama-3.3-70b-instruct"
+CHEAP = "/cheap/v1/chat/completions"
+DEAR = "/dear/v1/chat/completions"
+
+
+@pytest.fixture
+def two_providers(gateway, fake_upstream, settings):
+    settings.KEYAOS_CONNECT_TIMEOUT_S = 2
+    cheap = make_provider("cheap", fake_upstream.url("cheap/v1"), read_timeout_s=1.0)
+    dear = make_provider("dear", fake_upstream.url("dear/v1"))
+    make_offer(cheap, MODEL, input="0.1", output="0.2")
+    make_offer(dear, MODEL, input="1", output="2")
+    cheap_key = make_key(cheap, "sk-cheap-" + "c" * 30, label="cheap-key")
+    make_key(dear, "sk-dear-" + "d" * 30, label="dear-key")
+    fake_upstream.reply("POST", DEAR, json_body=chat_completion(MODEL, "from dear"))
+    _, client_key = make_client_key()
+    gateway.reload()
+    client = openai.OpenAI(base_url=gateway.url, api_key=client_key, max_retries=0)
+    return cheap_key, client
+
+
+def ask(client):
+    return client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}]
+    )
+
+
+def test_the_cheapest_key_serves_when_it_is_healthy(two_providers, fake_upstream):
+    _, client = two_providers
+    fake_upstream.reply("POST", CHEAP, json_body=chat_completion(MODEL, "from cheap"))
+    raw = ask(client)
+    assert raw.parse().choices[0].message.content == "from cheap"
+    assert raw.headers["x-keyaos-provider"] == "cheap"
+
+
+@pytest.mark.parametrize(
+    ("reply", "health", "cooling"),
+    [
+        (
+            Reply(
+                status=429,
+                json_body={"error": {"message": "slow down"}},
+                headers={"Retry-After": "30"},
+            ),
+            "ok",
+            True,
+        ),
+        (Reply(status=401, json_body={"error": {"message": "bad key"}}), "invalid", False),
+        (Reply(status=403, json_body={"error": {"message": "forbidden"}}), "invalid", False),
+        (
+            Reply(status=402, json_body={"error": {"message": "Insufficient credits"}}),
+            "exhausted",
+            False,
+        ),
+        (Reply(status=500, json_body={"error": {"message": "boom"}}), "ok", True),
+        (Reply(status=503, body=b"upstream down", content_type="text/plain"), "ok", True),
+        (
+            Reply(status=200, body=b"<html>Access denied</html>", content_type="text/html"),
+            "ok",
+            True,
+        ),
+        (Reply(status=200, json_body={}, delay_s=3), "ok", True),
+    ],
+    ids=["429", "401", "403", "402", "500", "503", "html-200", "timeout"],
+)
+def test_a_refusing_cheapest_key_fails_over_to_the_next(
+    two_providers, gateway, fake_upstream, reply, health, cooling
+):
+    cheap_key, client = two_providers
+    fake_upstream.handle("POST", CHEAP, lambda _request: reply)
+    raw = ask(client)
+    assert raw.parse().choices[0].message.content == "from dear"
+    assert raw.headers["x-keyaos-provider"] == "dear"
+    assert raw.headers["x-keyaos-attempts"] == "2"
+    gateway.flush_ledger()
+    cheap_key.refresh_from_db()
+    assert cheap_key.health == health
+    assert (cheap_key.cooldown_until is not None) == cooling
+    assert cheap_key.last_error
+    assert "c" * 30 not in cheap_key.last_error
+    entry = LedgerEntry.objects.get()
+    assert entry.outcome == "ok" and entry.attempts == 2
+    failed = Attempt.objects.get(entry=entry, number=1)
+    assert failed.upstream_key_id == cheap_key.id and failed.failure
+
+
+def test_a_key_cooling_down_is_skipped_until_its_retry_after(two_providers, fake_upstream):
+    _, client = two_providers
+    fake_upstream.reply(
+        "POST",
+        CHEAP,
+        status=429,
+        json_body={"error": {"message": "rate"}},
+        headers={"Retry-After": "60"},
+    )
+    ask(client)
+    fake_upstream.reply("POST", CHEAP, json_body=chat_completion(MODEL, "from cheap"))
+    raw = ask(client)
+    assert raw.headers["x-keyaos-provider"] == "dear"
+    assert raw.headers["x-keyaos-attempts"] == "1"
+
+
+def test_an_invalid_key_is_persisted_and_leaves_routing(two_providers, gateway, fake_upstream):
+    cheap_key, client = two_providers
+    fake_upstream.reply("POST", CHEAP, status=401, json_body={"error": {"message": "no"}})
+    ask(client)
+    gateway.reload()
+    raw = ask(client)
+    assert raw.headers["x-keyaos-attempts"] == "1"
+    assert len(fake_upstream.received(CHEAP)) == 1
+    assert UpstreamKey.objects.get(pk=cheap_key.pk).health == "invalid"
+
+
+@pytest.mark.parametrize("status", [400, 404, 413, 422])
+def test_a_client_error_passes_back_unchanged_and_leaves_the_key_alone(
+    two_providers, gateway, fake_upstream, status
+):
+    cheap_key, client = two_providers
+    body = {"error": {"message": "messages[0].content is invalid", "code": "bad_thing"}}
+    fake_upstream.reply("POST", CHEAP, status=status, json_body=body)
+    with pytest.raises(openai.APIStatusError) as error:
+        ask(client)
+    assert error.value.status_code == status
+    assert error.value.body == body["error"] or error.value.response.json() == body
+    assert fake_upstream.received(DEAR) == []
+    gateway.flush_ledger()
+    cheap_key.refresh_from_db()
+    assert (
+        cheap_key.health == "ok" and cheap_key.cooldown_until is None and not cheap_key.last_error
+    )
+    assert LedgerEntry.objects.get().outcome == "client_error"
+
+
+def test_when_every_candidate_fails_the_client_gets_the_most_telling_error(
+    two_providers, gateway, fake_upstream
+):
+    _, client = two_providers
+    fake_upstream.reply("POST", CHEAP, status=500, json_body={"error": {"message": "cheap broke"}})
+    fake_upstream.reply(
+        "POST",
+        DEAR,
+        status=429,
+        json_body={"error": {"message": "dear busy"}},
+        headers={"Retry-After": "7"},
+    )
+    with pytest.raises(openai.RateLimitError) as error:
+        ask(client)
+    assert "dear busy" in error.value.message
+    assert error.value.response.headers["x-keyaos-attempts"] == "2"
+    gateway.flush_ledger()
+    entry = LedgerEntry.objects.get()
+    assert entry.outcome == "upstream_error" and entry.attempts == 2
+    assert entry.cost == 0 and entry.usage_source == "none"
+
+
+def test_an_upstream_that_echoes_the_secret_never_shows_it(two_providers, gateway, fake_upstream):
+    cheap_key, client = two_providers
+    secret = "sk-cheap-" + "c" * 30
+    fake_upstream.reply(
+        "POST", CHEAP, status=401, json_body={"error": {"message": f"Incorrect API key {secret}"}}
+    )
+    fake_upstream.reply("POST", DEAR, status=500, json_body={"error": {"message": "down"}})
+    with pytest.raises(openai.APIStatusError) as error:
+        ask(client)
+    assert secret not in error.value.response.text
+    gateway.flush_ledger()
+    cheap_key.refresh_from_db()
+    assert secret not in cheap_key.last_error
+    assert secret not in "".join(Attempt.objects.values_list("error", flat=True))
