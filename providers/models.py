@@ -14,7 +14,9 @@ from providers.crypto import decrypt_secret, encrypt_secret, mask_secret, secret
 PRICE_DIGITS = {"max_digits": 24, "decimal_places": 10}
 MONEY_DIGITS = {"max_digits": 28, "decimal_places": 12}
 
-currency_validator = RegexValidator(r"^[A-Z]{3}$", "Use a three-letter ISO code such as USD or CNY.")
+currency_validator = RegexValidator(
+    r"^[A-Z]{3}$", "Use a three-letter ISO code such as USD or CNY."
+)
 
 
 class Provider(models.Model):
@@ -41,7 +43,9 @@ class Provider(models.Model):
     slug = models.SlugField(max_length=50, unique=True)
     name = models.CharField(max_length=100)
     preset = models.CharField(max_length=30, default="openai-compatible")
-    base_url = models.URLField(max_length=300, help_text="Up to and including /v1 (or its equivalent).")
+    base_url = models.URLField(
+        max_length=300, help_text="Up to and including /v1 (or its equivalent)."
+    )
     currency = models.CharField(max_length=3, default="USD", validators=[currency_validator])
     catalog_format = models.CharField(
         max_length=20, choices=CatalogFormat.choices, default=CatalogFormat.OPENAI
@@ -53,7 +57,9 @@ class Provider(models.Model):
     key_check_model = models.CharField(
         max_length=200, blank=True, help_text="Model used by the 1-token chat key check."
     )
-    auth_style = models.CharField(max_length=20, choices=AuthStyle.choices, default=AuthStyle.BEARER)
+    auth_style = models.CharField(
+        max_length=20, choices=AuthStyle.choices, default=AuthStyle.BEARER
+    )
     default_vendor = models.CharField(
         max_length=50,
         blank=True,
@@ -105,7 +111,10 @@ class UpstreamKey(models.Model):
     secret_masked = models.CharField("secret", max_length=40, editable=False)
     enabled = models.BooleanField(default=True)
     balance = models.DecimalField(
-        **MONEY_DIGITS, null=True, blank=True, help_text="In the provider's currency; empty = unknown."
+        **MONEY_DIGITS,
+        null=True,
+        blank=True,
+        help_text="In the provider's currency; empty = unknown.",
     )
     balance_source = models.CharField(
         max_length=10, choices=BalanceSource.choices, default=BalanceSource.MANUAL
@@ -126,7 +135,9 @@ class UpstreamKey(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["provider", "secret_hash"], name="unique_key_per_provider")
+            models.UniqueConstraint(
+                fields=["provider", "secret_hash"], name="unique_key_per_provider"
+            )
         ]
         ordering = ["provider__slug", "id"]
 

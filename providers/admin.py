@@ -1,0 +1,721 @@
+"""The operator's dashboard for providers, upstream keys, the model catalog and refresh runs.
+
+Upstream secrets are write-only here: a form takes a new one, pages show only ``secret_masked``.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
+from django.core.exceptions import PermissionDenied
+from django.db.models import Count, Q
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils.html import format_html
+from django.utils.text import Truncator
+from django.views.decorators.http import require_POST
+
+from billing.currency import UnknownCurrency, load_rates, to_usd, usd_per_unit
+from providers import services
+from providers.crypto import SecretDecryptionError
+from providers.models import (
+    ModelAlias,
+    ModelOffer,
+    PriceHistory,
+    Provider,
+    RefreshResult,
+    RefreshRun,
+    UpstreamKey,
+)
+from providers.presets import PRESETS
+from providers.signals import bump_snapshot_version
+
+PRICE_FIELDS = ("input_price_per_mtok", "output_price_per_mtok", "cached_input_price_per_mtok")
+HEALTH_COLOURS = {
+    UpstreamKey.Health.OK: "#2e7d32",
+    UpstreamKey.Health.COOLING: "#ef6c00",
+    UpstreamKey.Health.EXHAUSTED: "#8d6e63",
+    UpstreamKey.Health.INVALID: "#c62828",
+}
+
+
+def plain_amount(value: Decimal | None, min_places: int = 2) -> str:
+    """``2.0000000000`` as ``2.00``, ``0.0000001800`` as ``0.00000018``: no E-notation."""
+    if value is None:
+        return "-"
+    whole, _, fraction = f"{value:f}".partition(".")
+    return f"{whole}.{fraction.rstrip('0').ljust(min_places, '0')}"
+
+
+# Providers
+
+
+class ModelAliasInline(admin.TabularInline):
+    model = ModelAlias
+    extra = 0
+    fields = ("upstream_model_id", "canonical_id")
+    verbose_name = "model id mapping (native id -> canonical vendor/model id)"
+    verbose_name_plural = "model id mappings (native id -> canonical vendor/model id)"
+
+
+class ProviderAddForm(forms.ModelForm):
+    """Creates a provider from a preset; empty fields take the preset's values."""
+
+    preset = forms.ChoiceField(
+        choices=[(slug, preset.name) for slug, preset in PRESETS.items()],
+        help_text="Fills the fields you leave empty, and seeds known prices (DeepSeek).",
+    )
+
+    class Meta:
+        model = Provider
+        fields = ("preset", "slug", "name", "base_url", "currency")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for name in ("name", "base_url", "currency"):
+            self.fields[name].required = False
+        base_url = self.fields["base_url"]
+        base_url.help_text = "Empty: the preset's URL. Required for an OpenAI-compatible provider."
+
+    def clean(self) -> dict:
+        data = super().clean()
+        if self.errors:
+            return data
+        try:
+            services.provider_fields(
+                slug=data["slug"],
+                preset=data["preset"],
+                base_url=data.get("base_url") or None,
+                currency=data.get("currency") or None,
+                name=data.get("name") or None,
+            )
+        except services.SetupError as exc:
+            raise forms.ValidationError(str(exc)) from None
+        return data
+
+    def save(self, commit: bool = True) -> Provider:
+        # The admin calls save(commit=False) and then save_model(); creating here, through the
+        # service, is what seeds the preset's prices in the same transaction.
+        data = self.cleaned_data
+        self.instance = services.create_provider(
+            slug=data["slug"],
+            preset=data["preset"],
+            base_url=data.get("base_url") or None,
+            currency=data.get("currency") or None,
+            name=data.get("name") or None,
+        )
+        self.save_m2m = lambda: None
+        return self.instance
+
+
+@admin.register(Provider)
+class ProviderAdmin(admin.ModelAdmin):
+    add_form = ProviderAddForm
+    add_form_template = "admin/providers/provider/add_form.html"
+    list_display = (
+        "name",
+        "slug",
+        "preset",
+        "base_url",
+        "currency",
+        "enabled",
+        "active_offers",
+        "key_count",
+    )
+    list_filter = ("enabled", "preset", "currency")
+    search_fields = ("slug", "name", "base_url")
+    readonly_fields = ("preset", "created_at")
+    fieldsets = (
+        (None, {"fields": ("name", "slug", "preset", "enabled", "created_at")}),
+        ("Upstream", {"fields": ("base_url", "currency", "auth_style", "read_timeout_s")}),
+        (
+            "Catalog, balance and key check",
+            {
+                "fields": (
+                    "catalog_format",
+                    "default_vendor",
+                    "balance_method",
+                    "key_check",
+                    "key_check_model",
+                )
+            },
+        ),
+    )
+    inlines = [ModelAliasInline]
+
+    def get_queryset(self, request: HttpRequest):
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                active_offer_count=Count("offers", filter=Q(offers__active=True), distinct=True),
+                key_total=Count("keys", distinct=True),
+            )
+        )
+
+    @admin.display(description="active offers", ordering="active_offer_count")
+    def active_offers(self, provider: Provider) -> int:
+        return provider.active_offer_count
+
+    @admin.display(description="keys", ordering="key_total")
+    def key_count(self, provider: Provider) -> int:
+        return provider.key_total
+
+    def get_form(self, request: HttpRequest, obj=None, change=False, **kwargs):
+        if obj is None:
+            kwargs["form"] = self.add_form
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def get_fieldsets(self, request: HttpRequest, obj=None):
+        if obj is None:
+            return ((None, {"fields": ProviderAddForm.Meta.fields}),)
+        return super().get_fieldsets(request, obj)
+
+    def get_readonly_fields(self, request: HttpRequest, obj=None):
+        return () if obj is None else self.readonly_fields
+
+    def get_inlines(self, request: HttpRequest, obj):
+        return self.inlines if obj is not None else []
+
+    def get_changeform_initial_data(self, request: HttpRequest) -> dict:
+        initial = super().get_changeform_initial_data(request)
+        preset = PRESETS.get(request.GET.get("preset", ""))
+        if preset is not None:
+            initial.update(preset=preset.slug, currency=preset.currency, base_url=preset.base_url)
+            if preset.slug != services.CUSTOM_PRESET:
+                initial.update(slug=preset.slug, name=preset.name)
+        return initial
+
+    def add_view(self, request: HttpRequest, form_url: str = "", extra_context=None):
+        extra_context = {**(extra_context or {}), "presets": PRESETS.values()}
+        return super().add_view(request, form_url, extra_context)
+
+    def save_model(self, request: HttpRequest, obj: Provider, form, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        seeded = obj.offers.count()
+        if seeded:
+            self.message_user(
+                request, f"Seeded {seeded} manual price(s) in {obj.currency} from the preset."
+            )
+        elif PRESETS[obj.preset].seed_prices:
+            self.message_user(
+                request,
+                f"The preset's prices are not in {obj.currency}: set them under Model offers.",
+                messages.WARNING,
+            )
+        try:
+            usd_per_unit(obj.currency)
+        except UnknownCurrency as exc:
+            self.message_user(request, str(exc), messages.WARNING)
+
+
+# Upstream keys
+
+
+class UpstreamKeyAddForm(forms.ModelForm):
+    secret = forms.CharField(
+        widget=forms.PasswordInput(render_value=False),
+        strip=True,
+        help_text="Stored encrypted; shown only masked from now on.",
+    )
+
+    class Meta:
+        model = UpstreamKey
+        fields = ("provider", "label", "secret", "multiplier", "balance")
+
+    def clean(self) -> dict:
+        data = super().clean()
+        if data.get("provider") and data.get("secret"):
+            try:
+                services.ensure_secret_is_new(provider=data["provider"], secret=data["secret"])
+            except services.SetupError as exc:
+                self.add_error("secret", str(exc))
+        return data
+
+    def save(self, commit: bool = True) -> UpstreamKey:
+        # Saved through the service, which also decides where the balance comes from.
+        data = self.cleaned_data
+        self.instance = services.add_upstream_key(
+            provider=data["provider"],
+            secret=data["secret"],
+            label=data.get("label") or "",
+            multiplier=data["multiplier"],
+            balance=data.get("balance"),
+        )
+        self.save_m2m = lambda: None
+        return self.instance
+
+
+class UpstreamKeyChangeForm(forms.ModelForm):
+    secret = forms.CharField(
+        widget=forms.PasswordInput(render_value=False),
+        required=False,
+        strip=True,
+        label="New secret",
+        help_text="Leave empty to keep the current secret.",
+    )
+
+    class Meta:
+        model = UpstreamKey
+        fields = (
+            "provider",
+            "label",
+            "secret",
+            "enabled",
+            "multiplier",
+            "balance",
+            "balance_source",
+            "health",
+            "cooldown_until",
+        )
+
+    def clean(self) -> dict:
+        data = super().clean()
+        if data.get("secret") and data.get("provider"):
+            try:
+                services.ensure_secret_is_new(
+                    provider=data["provider"], secret=data["secret"], exclude=self.instance
+                )
+            except services.SetupError as exc:
+                self.add_error("secret", str(exc))
+        return data
+
+
+def health_badge(key: UpstreamKey) -> str:
+    return format_html(
+        '<span style="color:#fff;background:{};padding:1px 6px;border-radius:8px">{}</span>',
+        HEALTH_COLOURS.get(key.health, "#616161"),
+        key.get_health_display(),
+    )
+
+
+@admin.register(UpstreamKey)
+class UpstreamKeyAdmin(admin.ModelAdmin):
+    add_form = UpstreamKeyAddForm
+    form = UpstreamKeyChangeForm
+    list_display = (
+        "__str__",
+        "provider",
+        "label",
+        "secret_masked",
+        "enabled",
+        "balance_with_currency",
+        "balance_source",
+        "multiplier",
+        "health_status",
+        "cooldown_until",
+        "short_last_error",
+        "last_error_at",
+    )
+    list_display_links = ("__str__",)
+    list_filter = ("provider", "health", "enabled", "balance_source")
+    list_select_related = ("provider",)
+    search_fields = ("label", "secret_masked")
+    readonly_fields = (
+        "secret_masked",
+        "balance_updated_at",
+        "last_error",
+        "last_error_at",
+        "created_at",
+    )
+    actions = ["validate_keys", "refresh_balances", "enable_keys", "disable_keys"]
+
+    @admin.display(description="balance", ordering="balance")
+    def balance_with_currency(self, key: UpstreamKey) -> str:
+        if key.balance is None:
+            return "unknown"
+        return f"{plain_amount(key.balance)} {key.provider.currency}"
+
+    @admin.display(description="health", ordering="health")
+    def health_status(self, key: UpstreamKey) -> str:
+        return health_badge(key)
+
+    @admin.display(description="last error")
+    def short_last_error(self, key: UpstreamKey) -> str:
+        return Truncator(key.last_error).chars(60)
+
+    def get_form(self, request: HttpRequest, obj=None, change=False, **kwargs):
+        if obj is None:
+            kwargs["form"] = self.add_form
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def get_fields(self, request: HttpRequest, obj=None):
+        if obj is None:
+            return UpstreamKeyAddForm.Meta.fields
+        return (
+            ("provider", "label"),
+            ("secret_masked", "secret"),
+            ("enabled", "multiplier"),
+            ("balance", "balance_source", "balance_updated_at"),
+            ("health", "cooldown_until"),
+            "last_error",
+            "last_error_at",
+            "created_at",
+        )
+
+    def get_readonly_fields(self, request: HttpRequest, obj=None):
+        return () if obj is None else self.readonly_fields
+
+    def save_model(self, request: HttpRequest, obj: UpstreamKey, form, change: bool) -> None:
+        if not change:
+            return  # UpstreamKeyAddForm.save() created it
+        if form.cleaned_data.get("secret"):
+            services.replace_upstream_secret(key=obj, secret=form.cleaned_data["secret"])
+        super().save_model(request, obj, form, change)
+
+    @admin.action(description="Validate the selected keys with their provider")
+    def validate_keys(self, request: HttpRequest, queryset) -> None:
+        from providers.refresh import validate_key
+
+        failures = []
+        keys = list(queryset.select_related("provider"))
+        for key in keys:
+            try:
+                result = validate_key(key)
+            except SecretDecryptionError as exc:
+                failures.append(f"{key}: {exc}")
+                continue
+            if not result.ok:
+                failures.append(f"{key}: {result.message}")
+        level = messages.WARNING if failures else messages.SUCCESS
+        summary = f"Validated {len(keys)} key(s): {len(keys) - len(failures)} OK"
+        if failures:
+            summary += f", {len(failures)} invalid ({'; '.join(failures)})"
+        self.message_user(request, summary + ".", level)
+
+    @admin.action(description="Refresh the balance of the selected keys")
+    def refresh_balances(self, request: HttpRequest, queryset) -> None:
+        from providers.adapters import UpstreamError
+        from providers.refresh import refresh_key_balance
+
+        refreshed, manual, failed = [], [], []
+        for key in queryset.select_related("provider"):
+            try:
+                balance = refresh_key_balance(key)
+            except (UpstreamError, SecretDecryptionError) as exc:
+                failed.append(f"{key}: {exc}")
+                continue
+            if balance is None:
+                manual.append(str(key))
+            else:
+                refreshed.append(f"{key}: {plain_amount(balance)} {key.provider.currency}")
+        summary = f"Refreshed the balance of {len(refreshed)} key(s)"
+        if refreshed:
+            summary += f" ({'; '.join(refreshed)})"
+        if manual:
+            summary += (
+                f"; {len(manual)} key(s) keep a balance entered by hand ({', '.join(manual)})"
+            )
+        if failed:
+            summary += f"; {len(failed)} failed ({'; '.join(failed)})"
+        self.message_user(request, summary + ".", messages.WARNING if failed else messages.SUCCESS)
+
+    @admin.action(description="Enable the selected keys")
+    def enable_keys(self, request: HttpRequest, queryset) -> None:
+        count = queryset.update(enabled=True)
+        bump_snapshot_version()
+        self.message_user(request, f"Enabled {count} key(s).")
+
+    @admin.action(description="Disable the selected keys")
+    def disable_keys(self, request: HttpRequest, queryset) -> None:
+        count = queryset.update(enabled=False)
+        bump_snapshot_version()
+        self.message_user(request, f"Disabled {count} key(s).")
+
+
+# Model catalog
+
+
+class PriceHistoryInline(admin.TabularInline):
+    model = PriceHistory
+    fields = ("recorded_at", *PRICE_FIELDS)
+    readonly_fields = fields
+    ordering = ("-recorded_at",)
+    can_delete = False
+    extra = 0
+    max_num = 0
+    limit = 20
+    verbose_name_plural = f"price history (latest {limit})"
+
+    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def get_queryset(self, request: HttpRequest):
+        queryset = super().get_queryset(request)
+        match = request.resolver_match
+        offer_id = match.kwargs.get("object_id") if match else None
+        if offer_id is None:
+            return queryset.none()
+        latest = queryset.filter(offer_id=offer_id).order_by("-recorded_at")[: self.limit]
+        return queryset.filter(pk__in=list(latest.values_list("pk", flat=True)))
+
+
+class OfferChangeList(ChangeList):
+    """Loads the currency rates once per page for the USD price column."""
+
+    def get_results(self, request: HttpRequest) -> None:
+        super().get_results(request)
+        rates = load_rates()
+        for offer in self.result_list:
+            offer.page_rates = rates
+
+
+class ModelOfferForm(forms.ModelForm):
+    class Meta:
+        model = ModelOffer
+        fields = (
+            "provider",
+            "upstream_model_id",
+            "canonical_id",
+            "display_name",
+            "kind",
+            "active",
+            "context_length",
+            *PRICE_FIELDS,
+            "price_tiers",
+        )
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if "canonical_id" in self.fields:
+            self.fields["canonical_id"].required = False
+            self.fields["canonical_id"].help_text = "Empty: derived from the native id."
+
+    def clean(self) -> dict:
+        data = super().clean()
+        for name in PRICE_FIELDS:
+            price = data.get(name)
+            if price is not None and price < 0:
+                self.add_error(name, "A price cannot be negative.")
+        return data
+
+
+@admin.register(ModelOffer)
+class ModelOfferAdmin(admin.ModelAdmin):
+    form = ModelOfferForm
+    change_list_template = "admin/providers/modeloffer/change_list.html"
+    list_display = (
+        "canonical_id",
+        "provider",
+        "upstream_model_id",
+        "kind",
+        "input_price",
+        "output_price",
+        "cached_input_price",
+        "usd_price",
+        "price_source",
+        "active",
+        "context_length",
+        "compare_link",
+    )
+    list_filter = ("provider", "active", "kind", "price_source")
+    list_select_related = ("provider",)
+    search_fields = ("canonical_id", "upstream_model_id", "display_name")
+    readonly_fields = ("price_source", "first_seen_at", "last_refreshed_at")
+    fieldsets = (
+        (
+            None,
+            {
+                "fields": (
+                    "provider",
+                    "upstream_model_id",
+                    "canonical_id",
+                    "display_name",
+                    "kind",
+                    "active",
+                    "context_length",
+                )
+            },
+        ),
+        (
+            "Price per 1M tokens, in the provider's currency",
+            {"fields": (*PRICE_FIELDS, "price_tiers", "price_source")},
+        ),
+        (None, {"fields": ("first_seen_at", "last_refreshed_at")}),
+    )
+    inlines = [PriceHistoryInline]
+
+    def get_changelist(self, request: HttpRequest, **kwargs):
+        return OfferChangeList
+
+    def get_inlines(self, request: HttpRequest, obj):
+        return self.inlines if obj is not None else []
+
+    def changelist_view(self, request: HttpRequest, extra_context=None):
+        extra_context = {
+            **(extra_context or {}),
+            "can_refresh": self.has_change_permission(request),
+        }
+        return super().changelist_view(request, extra_context)
+
+    @admin.display(description="input / 1M", ordering="input_price_per_mtok")
+    def input_price(self, offer: ModelOffer) -> str:
+        return self._price(offer.input_price_per_mtok, offer)
+
+    @admin.display(description="output / 1M", ordering="output_price_per_mtok")
+    def output_price(self, offer: ModelOffer) -> str:
+        return self._price(offer.output_price_per_mtok, offer)
+
+    @admin.display(description="cached input / 1M", ordering="cached_input_price_per_mtok")
+    def cached_input_price(self, offer: ModelOffer) -> str:
+        return self._price(offer.cached_input_price_per_mtok, offer)
+
+    @staticmethod
+    def _price(price: Decimal | None, offer: ModelOffer) -> str:
+        return "-" if price is None else f"{plain_amount(price)} {offer.currency}"
+
+    @admin.display(description="USD in / out per 1M")
+    def usd_price(self, offer: ModelOffer) -> str:
+        rates = getattr(offer, "page_rates", None) or load_rates()
+        return usd_pair(offer, rates)
+
+    @admin.display(description="compare")
+    def compare_link(self, offer: ModelOffer) -> str:
+        url = reverse("admin:providers_modeloffer_compare", args=[offer.canonical_id])
+        return format_html('<a href="{}">all providers</a>', url)
+
+    def get_urls(self):
+        return [
+            path(
+                "refresh/",
+                self.admin_site.admin_view(require_POST(self.refresh_view)),
+                name="providers_modeloffer_refresh",
+            ),
+            path(
+                "compare/<path:canonical_id>/",
+                self.admin_site.admin_view(self.compare_view),
+                name="providers_modeloffer_compare",
+            ),
+            *super().get_urls(),
+        ]
+
+    def refresh_view(self, request: HttpRequest) -> HttpResponse:
+        if not self.has_change_permission(request):
+            raise PermissionDenied
+        from providers.refresh import refresh_providers
+
+        run = refresh_providers(trigger=RefreshRun.Trigger.ADMIN)
+        results = list(run.results.all())
+        summary = (
+            f"Refreshed {len(results)} provider(s) in {run.duration_ms or 0} ms: "
+            f"{sum(r.added for r in results)} offer(s) added, "
+            f"{sum(r.updated for r in results)} updated, "
+            f"{sum(r.deactivated for r in results)} deactivated, "
+            f"{sum(r.balances_updated for r in results)} balance(s) read."
+        )
+        self.message_user(request, summary, messages.SUCCESS)
+        for result in results:
+            if result.error:
+                self.message_user(
+                    request, f"{result.provider_slug}: {result.error}", messages.ERROR
+                )
+        return HttpResponseRedirect(reverse("admin:providers_modeloffer_changelist"))
+
+    def compare_view(self, request: HttpRequest, canonical_id: str) -> HttpResponse:
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        offers = list(
+            ModelOffer.objects.filter(canonical_id=canonical_id)
+            .select_related("provider")
+            .order_by("-active", "provider__slug")
+        )
+        rates = load_rates()
+        rows = [
+            {
+                "offer": offer,
+                "change_url": reverse("admin:providers_modeloffer_change", args=[offer.pk]),
+                "input": self._price(offer.input_price_per_mtok, offer),
+                "output": self._price(offer.output_price_per_mtok, offer),
+                "cached_input": self._price(offer.cached_input_price_per_mtok, offer),
+                "usd": usd_pair(offer, rates),
+            }
+            for offer in offers
+        ]
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": f"Offers for {canonical_id}",
+            "canonical_id": canonical_id,
+            "rows": rows,
+        }
+        return TemplateResponse(request, "admin/providers/modeloffer/compare.html", context)
+
+    def save_model(self, request: HttpRequest, obj: ModelOffer, form, change: bool) -> None:
+        if not obj.canonical_id:
+            aliases = dict(obj.provider.aliases.values_list("upstream_model_id", "canonical_id"))
+            obj.canonical_id = obj.provider.canonical_id(obj.upstream_model_id, aliases)
+        price_changed = not change or any(name in form.changed_data for name in PRICE_FIELDS)
+        if price_changed:
+            obj.price_source = ModelOffer.PriceSource.MANUAL
+        super().save_model(request, obj, form, change)
+        if price_changed:
+            obj.record_price()
+
+
+def usd_pair(offer: ModelOffer, rates) -> str:
+    if not offer.has_prices:
+        return "-"
+    try:
+        prices = [
+            to_usd(price, offer.currency, rates)
+            for price in (offer.input_price_per_mtok, offer.output_price_per_mtok)
+        ]
+    except UnknownCurrency:
+        return f"no {offer.currency} rate"
+    return " / ".join(f"${plain_amount(price.quantize(Decimal('0.000001')))}" for price in prices)
+
+
+# Refresh runs
+
+
+class RefreshResultInline(admin.TabularInline):
+    model = RefreshResult
+    fields = (
+        "provider_slug",
+        "offers_seen",
+        "added",
+        "updated",
+        "deactivated",
+        "balances_updated",
+        "duration_ms",
+        "error",
+    )
+    readonly_fields = fields
+    can_delete = False
+    extra = 0
+    max_num = 0
+
+    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+@admin.register(RefreshRun)
+class RefreshRunAdmin(admin.ModelAdmin):
+    list_display = ("started_at", "trigger", "duration_ms", "error_count", "is_ok")
+    list_filter = ("trigger",)
+    date_hierarchy = "started_at"
+    fields = ("started_at", "trigger", "duration_ms", "error_count")
+    readonly_fields = fields
+    inlines = [RefreshResultInline]
+
+    @admin.display(description="ok", boolean=True)
+    def is_ok(self, run: RefreshRun) -> bool:
+        return run.ok
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False

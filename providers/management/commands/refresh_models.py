@@ -1,0 +1,41 @@
+"""``manage.py refresh_models``: the same refresh as the schedule and the admin button."""
+
+from __future__ import annotations
+
+from django.core.management.base import BaseCommand, CommandError
+
+from providers.models import RefreshResult, RefreshRun
+from providers.refresh import UnknownProvider, describe, refresh_providers
+
+
+class Command(BaseCommand):
+    help = "Refresh the model catalog, prices and balances of every enabled provider."
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument(
+            "--provider", metavar="SLUG", help="Refresh only this provider (even if disabled)."
+        )
+
+    def handle(self, *args, provider: str | None = None, **options) -> None:
+        try:
+            run = refresh_providers(
+                trigger=RefreshRun.Trigger.COMMAND, provider_slug=provider, progress=self.report
+            )
+        except UnknownProvider as exc:
+            raise CommandError(str(exc)) from None
+        refreshed = run.results.count()
+        if not refreshed:
+            self.stdout.write("No enabled provider to refresh.")
+            return
+        if run.error_count:
+            raise CommandError(
+                f"{run.error_count} of {refreshed} provider(s) failed; their offers were left "
+                "as they were."
+            )
+        self.stdout.write(
+            self.style.SUCCESS(f"Refreshed {refreshed} provider(s) in {run.duration_ms} ms.")
+        )
+
+    def report(self, result: RefreshResult) -> None:
+        line = describe(result)
+        self.stdout.write(self.style.ERROR(line) if result.error else line)
