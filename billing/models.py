@@ -45,12 +45,40 @@ def hash_api_key(plain: str) -> str:
 class ApiKey(models.Model):
     """A key that a client program sends to ``/v1``. Only its keyed hash is stored."""
 
+    class BudgetPeriod(models.TextChoices):
+        LIFETIME = "lifetime", "Lifetime"
+        DAY = "day", "Per day (resets at 00:00 UTC)"
+        MONTH = "month", "Per month (resets on the 1st, UTC)"
+
     name = models.CharField(max_length=100)
     prefix = models.CharField(max_length=20, editable=False)
     key_hash = models.CharField(max_length=64, unique=True, editable=False)
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)
     last_used_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    budget_usd = models.DecimalField(
+        **MONEY_DIGITS, null=True, blank=True, help_text="Empty = no budget."
+    )
+    budget_period = models.CharField(
+        max_length=10, choices=BudgetPeriod.choices, default=BudgetPeriod.LIFETIME
+    )
+    spent_usd = models.DecimalField(
+        **MONEY_DIGITS,
+        default=Decimal("0"),
+        editable=False,
+        help_text="Lifetime spend, settled after requests.",
+    )
+    period_spent_usd = models.DecimalField(**MONEY_DIGITS, default=Decimal("0"), editable=False)
+    period_started_at = models.DateTimeField(null=True, blank=True, editable=False)
+    allowed_models = models.TextField(
+        blank=True, help_text="Glob patterns (openai/*, *-mini), one per line or comma-separated."
+    )
+    allowed_ips = models.TextField(
+        blank=True, help_text="CIDRs (10.0.0.0/8, 203.0.113.7/32), one per line or comma-separated."
+    )
+    rpm_limit = models.PositiveIntegerField("requests per minute", null=True, blank=True)
+    tpm_limit = models.PositiveIntegerField("tokens per minute", null=True, blank=True)
 
     class Meta:
         ordering = ["name"]
@@ -158,3 +186,26 @@ class Attempt(models.Model):
 
     def __str__(self) -> str:
         return f"attempt {self.number} of {self.entry_id}"
+
+
+class DailyUsage(models.Model):
+    """Daily totals per client key, provider, upstream key and model; outlive pruned rows."""
+
+    day = models.DateField(db_index=True)
+    api_key = models.ForeignKey(ApiKey, on_delete=models.SET_NULL, null=True, blank=True)
+    provider = models.ForeignKey(Provider, on_delete=models.SET_NULL, null=True, blank=True)
+    upstream_key = models.ForeignKey(UpstreamKey, on_delete=models.SET_NULL, null=True, blank=True)
+    requested_model = models.CharField(max_length=200)
+    requests = models.PositiveIntegerField(default=0)
+    errors = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    cost_usd = models.DecimalField(**MONEY_DIGITS, default=Decimal("0"))
+    list_cost_usd = models.DecimalField(**MONEY_DIGITS, default=Decimal("0"))
+
+    class Meta:
+        ordering = ["-day"]
+        verbose_name_plural = "daily usage"
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.requested_model}"

@@ -63,7 +63,7 @@ class Provider(models.Model):
     default_vendor = models.CharField(
         max_length=50,
         blank=True,
-        help_text="Vendor prefix for native ids without one (deepseek-chat -> deepseek/deepseek-chat).",
+        help_text="Vendor prefix for native ids without one (deepseek-chat -> deepseek/...).",
     )
     read_timeout_s = models.FloatField(default=300.0, validators=[MinValueValidator(1.0)])
     enabled = models.BooleanField(default=True)
@@ -257,6 +257,9 @@ class PriceHistory(models.Model):
         ordering = ["-recorded_at"]
         verbose_name_plural = "price history"
 
+    def __str__(self) -> str:
+        return f"{self.offer_id} at {self.recorded_at:%Y-%m-%d %H:%M}"
+
 
 class ModelAlias(models.Model):
     """Maps a provider's native model id to the canonical id it serves."""
@@ -322,3 +325,21 @@ class RefreshResult(models.Model):
 
     def __str__(self) -> str:
         return self.provider_slug
+
+
+class BalanceReading(models.Model):
+    """A provider-reported balance next to what Keyaos had counted down to: the drift."""
+
+    key = models.ForeignKey(UpstreamKey, on_delete=models.CASCADE, related_name="balance_readings")
+    read_at = models.DateTimeField(default=timezone.now, db_index=True)
+    provider_balance = models.DecimalField(**MONEY_DIGITS)
+    local_balance = models.DecimalField(**MONEY_DIGITS, null=True, blank=True)
+    drift = models.DecimalField(
+        **MONEY_DIGITS, null=True, blank=True, help_text="Provider figure minus local figure."
+    )
+
+    class Meta:
+        ordering = ["-read_at"]
+
+    def __str__(self) -> str:
+        return f"{self.key} {self.provider_balance} at {self.read_at:%Y-%m-%d %H:%M}"

@@ -534,7 +534,7 @@ class TestModelOfferAdmin:
 class TestBillingAdmin:
     def test_adding_a_client_key_shows_it_once(self, admin_client):
         response = admin_client.post(
-            reverse("admin:billing_apikey_add"), {"name": "ci", "enabled": "on"}, follow=True
+            reverse("admin:billing_apikey_add"), {"name": "ci", "enabled": "on", "budget_period": "lifetime"}, follow=True
         )
 
         [shown] = [m for m in messages_of(response) if "Copy it now" in m]
@@ -550,12 +550,12 @@ class TestBillingAdmin:
             assert plain not in content
             assert api_key.key_hash not in content
 
-    def test_the_client_key_add_form_asks_only_for_a_name_and_whether_it_is_enabled(
-        self, admin_client
-    ):
+    def test_the_client_key_add_form_never_asks_for_the_key_itself(self, admin_client):
         response = admin_client.get(reverse("admin:billing_apikey_add"))
 
-        assert list(response.context["adminform"].form.fields) == ["name", "enabled"]
+        fields = list(response.context["adminform"].form.fields)
+        assert fields[:2] == ["name", "enabled"]
+        assert not {"key_hash", "prefix", "spent_usd"} & set(fields)
 
     def test_usd_needs_no_rate(self, admin_client):
         response = admin_client.post(
