@@ -8,6 +8,7 @@ environment too: a missing or malformed value stops start-up with a clear error.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import dj_database_url
@@ -99,6 +100,9 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
+# A new client key is shown once in a message: keep messages server-side, not in a cookie.
+MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
+
 ROOT_URLCONF = "keyaos.urls"
 ASGI_APPLICATION = "keyaos.asgi.application"
 
@@ -118,7 +122,7 @@ TEMPLATES = [
 ]
 
 if EMBEDDED:
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
@@ -178,6 +182,11 @@ if not DEBUG and env_bool("KEYAOS_HTTPS", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
+
+# WhiteNoise serves admin assets with sync iterators; under ASGI Django warns on each one.
+warnings.filterwarnings(
+    "ignore", message="StreamingHttpResponse must consume synchronous iterators"
+)
 
 LOGGING = {
     "version": 1,

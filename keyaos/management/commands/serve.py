@@ -18,6 +18,8 @@ import time
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from providers.tasks import ensure_refresh_schedule
+
 GRACEFUL_SHUTDOWN_S = 10
 STOP_TIMEOUT_S = GRACEFUL_SHUTDOWN_S + 5
 POLL_S = 0.2
@@ -155,6 +157,7 @@ class Command(BaseCommand):
         commands = {"uvicorn": uvicorn_command(host=host, port=port, workers=workers)}
         if not options["no_qcluster"]:
             commands["qcluster"] = qcluster_command()
+            ensure_refresh_schedule()
         supervisor = Supervisor(commands)
         for signum in STOP_SIGNALS:
             signal.signal(signum, supervisor.request_stop)
