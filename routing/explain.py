@@ -33,7 +33,8 @@ class RouteExplanation:
                 f"  {rank}. {candidate.provider.slug} key {candidate.key.name} "
                 f"({candidate.key.masked}) model {candidate.offer.upstream_model_id}: "
                 f"{candidate.estimated_cost_usd:.8f} USD "
-                f"[{prices.input_per_mtok}/{prices.output_per_mtok} {prices.currency} per 1M, "
+                f"[{prices.input_per_mtok.normalize():f}/{prices.output_per_mtok.normalize():f} "
+                f"{prices.currency} per 1M, "
                 f"x{candidate.key.multiplier}]"
             )
         if not decision.candidates:

@@ -1,0 +1,68 @@
+"""Cooldowns are shared through the cache: with Redis, every gateway process sees them."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from datetime import datetime
+
+import pytest
+
+from routing.failures import Failure
+from routing.health import HealthBoard
+from routing.snapshot import KeyInfo
+
+
+def redis_is_up() -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def key(key_id: int = 1, cooldown_until: datetime | None = None) -> KeyInfo:
+    return KeyInfo(
+        id=key_id,
+        provider_id=1,
+        name="k",
+        masked="sk-...1234",
+        secret="sk-secret",
+        multiplier=1,
+        balance=None,
+        health="ok",
+        cooldown_until=cooldown_until,
+        last_error="",
+    )
+
+
+@pytest.mark.skipif(not redis_is_up(), reason="Redis is not running on 127.0.0.1:6379")
+@pytest.mark.django_db(transaction=True)
+def test_a_429_seen_by_one_process_cools_the_key_in_another(settings):
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": "redis://127.0.0.1:6379/0",
+            "KEY_PREFIX": f"keyaos-test-{time.monotonic_ns()}",
+        }
+    }
+    first, second = HealthBoard(), HealthBoard()  # two gateway processes
+    asyncio.run(first.record_failure(key(), Failure.RATE_LIMITED, "slow down", retry_after_s=30))
+    assert second.unusable_reason(key()) is None
+    asyncio.run(second.merge_shared([1]))
+    reason = second.unusable_reason(key())
+    assert reason is not None and reason.startswith("cooling down")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_transient_failures_cool_a_key_longer_each_time_up_to_the_cap(settings):
+    settings.KEYAOS_TRANSIENT_COOLDOWN_S = 5
+    settings.KEYAOS_MAX_COOLDOWN_S = 12
+    board = HealthBoard()
+    waits = []
+    for _ in range(3):
+        before = time.time()
+        asyncio.run(board.record_failure(key(7), Failure.TRANSIENT, "500"))
+        waits.append(round(board.cooldowns[7] - before))
+    assert waits == [5, 10, 12]
