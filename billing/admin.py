@@ -1,14 +1,30 @@
-"""Admin for currency rates and client API keys (shown once, stored as a keyed hash)."""
+"""Admin for currency rates, client API keys (shown once, stored as a keyed hash) and the ledger."""
 
 from __future__ import annotations
 
+import csv
 import secrets
+from collections.abc import Iterator
+from datetime import timedelta
 
 from django import forms
 from django.contrib import admin, messages
-from django.http import HttpRequest
+from django.contrib.admin.options import IncorrectLookupParameters
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.html import format_html
 
-from billing.models import API_KEY_PREFIX, ApiKey, CurrencyRate
+from billing.limits import parse_networks, split_list
+from billing.models import (
+    API_KEY_PREFIX,
+    ApiKey,
+    Attempt,
+    CurrencyRate,
+    DailyUsage,
+    LedgerEntry,
+)
+from billing.selectors import Totals, ledger_totals, recent_spend
 
 
 class CurrencyRateForm(forms.ModelForm):
@@ -37,19 +53,120 @@ class CurrencyRateAdmin(admin.ModelAdmin):
     fields = ("currency", "usd_per_unit", "updated_at")
 
 
+class ApiKeyForm(forms.ModelForm):
+    class Meta:
+        model = ApiKey
+        fields = (
+            "name",
+            "enabled",
+            "expires_at",
+            "budget_usd",
+            "budget_period",
+            "allowed_models",
+            "allowed_ips",
+            "rpm_limit",
+            "tpm_limit",
+        )
+
+    def clean_budget_usd(self):
+        budget = self.cleaned_data["budget_usd"]
+        if budget is not None and budget < 0:
+            raise forms.ValidationError("A budget cannot be negative.")
+        return budget
+
+    def clean_allowed_models(self) -> str:
+        return "\n".join(split_list(self.cleaned_data["allowed_models"]))
+
+    def clean_allowed_ips(self) -> str:
+        try:
+            networks = parse_networks(self.cleaned_data["allowed_ips"])
+        except ValueError as error:
+            raise forms.ValidationError(str(error)) from None
+        return "\n".join(str(network) for network in networks)
+
+
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
-    list_display = ("name", "prefix", "enabled", "created_at", "last_used_at")
-    list_filter = ("enabled",)
+    form = ApiKeyForm
+    list_display = (
+        "name",
+        "prefix",
+        "enabled",
+        "budget",
+        "period_spend",
+        "lifetime_spend",
+        "rate_limits",
+        "expires_at",
+        "last_used_at",
+    )
+    list_filter = ("enabled", "budget_period")
     search_fields = ("name", "prefix")
-    readonly_fields = ("prefix", "created_at", "last_used_at")
+    readonly_fields = (
+        "prefix",
+        "created_at",
+        "last_used_at",
+        "spend_so_far",
+        "spend_last_30_days",
+    )
     actions = ["enable_keys", "disable_keys"]
 
-    def get_exclude(self, request: HttpRequest, obj=None):
-        return ("created_at", "last_used_at") if obj is None else ()
+    def get_fields(self, request: HttpRequest, obj=None):
+        if obj is None:
+            return ApiKeyForm.Meta.fields
+        return (
+            ("name", "enabled"),
+            ("prefix", "created_at", "last_used_at"),
+            "expires_at",
+            ("budget_usd", "budget_period"),
+            "spend_so_far",
+            "spend_last_30_days",
+            "allowed_models",
+            "allowed_ips",
+            ("rpm_limit", "tpm_limit"),
+        )
 
     def get_readonly_fields(self, request: HttpRequest, obj=None):
         return () if obj is None else self.readonly_fields
+
+    @admin.display(description="budget", ordering="budget_usd")
+    def budget(self, api_key: ApiKey) -> str:
+        if api_key.budget_usd is None:
+            return "-"
+        period = "" if api_key.budget_period == "lifetime" else f" / {api_key.budget_period}"
+        return f"{usd(api_key.budget_usd)}{period}"
+
+    @admin.display(description="spent this period")
+    def period_spend(self, api_key: ApiKey) -> str:
+        spent = usd(api_key.current_period_spent_usd())
+        remaining = api_key.budget_remaining_usd()
+        return spent if remaining is None else f"{spent} ({usd(remaining)} left)"
+
+    @admin.display(description="spent (lifetime)", ordering="spent_usd")
+    def lifetime_spend(self, api_key: ApiKey) -> str:
+        return usd(api_key.spent_usd)
+
+    @admin.display(description="rate limits")
+    def rate_limits(self, api_key: ApiKey) -> str:
+        parts = []
+        if api_key.rpm_limit:
+            parts.append(f"{api_key.rpm_limit} req/min")
+        if api_key.tpm_limit:
+            parts.append(f"{api_key.tpm_limit} tok/min")
+        return ", ".join(parts) or "-"
+
+    @admin.display(description="spend so far")
+    def spend_so_far(self, api_key: ApiKey) -> str:
+        text = f"lifetime {usd(api_key.spent_usd)}"
+        if api_key.budget_period != "lifetime":
+            text += f"; this {api_key.budget_period} {usd(api_key.current_period_spent_usd())}"
+        remaining = api_key.budget_remaining_usd()
+        if remaining is not None:
+            text += f"; budget remaining {usd(remaining)}"
+        return text + " (settled after each request)"
+
+    @admin.display(description="last 30 days")
+    def spend_last_30_days(self, api_key: ApiKey) -> str:
+        return spend_summary(recent_spend(api_key=api_key), "api_key", api_key.pk)
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form, change: bool) -> None:
         if change:
@@ -78,3 +195,238 @@ class ApiKeyAdmin(admin.ModelAdmin):
         count = queryset.update(enabled=enabled)
         bump_snapshot_version()
         self.message_user(request, f"{'Enabled' if enabled else 'Disabled'} {count} client key(s).")
+
+
+def plain_usd(amount) -> str:
+    """An amount without exponent or trailing zeros (0.00000181, not 1.81E-6)."""
+    return f"{amount.normalize():f}" if amount else "0"
+
+
+def usd(amount) -> str:
+    return f"{plain_usd(amount)} USD"
+
+
+def spend_summary(totals: Totals, owner_field: str, owner_id: int) -> str:
+    """Last-30-days spend, with a link to those ledger rows."""
+    since = (timezone.now() - timedelta(days=30)).date().isoformat()
+    url = reverse("admin:billing_ledgerentry_changelist")
+    return format_html(
+        '{} requests, {} tokens, {} (list price {}) <a href="{}?{}__id__exact={}&amp;'
+        'created_at__gte={}">ledger rows</a>',
+        totals.requests,
+        totals.tokens,
+        usd(totals.cost_usd),
+        usd(totals.list_cost_usd),
+        url,
+        owner_field,
+        owner_id,
+        since,
+    )
+
+
+class RequestedModelFilter(admin.SimpleListFilter):
+    """The models asked for lately: a bounded DISTINCT, so 100k rows stay cheap."""
+
+    title = "requested model"
+    parameter_name = "requested_model"
+    LIMIT = 100
+    RECENT_DAYS = 90
+
+    def lookups(self, request: HttpRequest, model_admin):
+        since = timezone.now() - timedelta(days=self.RECENT_DAYS)
+        models = list(
+            LedgerEntry.objects.filter(created_at__gte=since)
+            .order_by("requested_model")
+            .values_list("requested_model", flat=True)
+            .distinct()[: self.LIMIT]
+        )
+        if self.value() and self.value() not in models:
+            models.append(self.value())
+        return [(model, model or "(none)") for model in models]
+
+    def queryset(self, request: HttpRequest, queryset):
+        if self.value() is None:
+            return queryset
+        return queryset.filter(requested_model=self.value())
+
+
+class AttemptInline(admin.TabularInline):
+    model = Attempt
+    extra = 0
+    can_delete = False
+    fields = (
+        "number",
+        "provider",
+        "upstream_key",
+        "upstream_model",
+        "status_code",
+        "failure",
+        "error",
+        "duration_ms",
+    )
+    readonly_fields = fields
+
+    def get_queryset(self, request: HttpRequest):
+        return super().get_queryset(request).select_related("provider", "upstream_key__provider")
+
+    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+CSV_COLUMNS = (
+    ("created_at", "created_at"),
+    ("request_id", "request_id"),
+    ("client_key", "api_key__name"),
+    ("provider", "provider__slug"),
+    ("upstream_key", "upstream_key__label"),
+    ("requested_model", "requested_model"),
+    ("upstream_model", "upstream_model"),
+    ("endpoint", "endpoint"),
+    ("streamed", "streamed"),
+    ("outcome", "outcome"),
+    ("status_code", "status_code"),
+    ("attempts", "attempts"),
+    ("prompt_tokens", "prompt_tokens"),
+    ("completion_tokens", "completion_tokens"),
+    ("cached_tokens", "cached_tokens"),
+    ("reasoning_tokens", "reasoning_tokens"),
+    ("usage_source", "usage_source"),
+    ("cost", "cost"),
+    ("currency", "currency"),
+    ("cost_source", "cost_source"),
+    ("usd_per_unit", "usd_per_unit"),
+    ("cost_usd", "cost_usd"),
+    ("list_cost_usd", "list_cost_usd"),
+    ("latency_ms", "latency_ms"),
+    ("ttfb_ms", "ttfb_ms"),
+    ("error", "error"),
+)
+
+
+class _Echo:
+    def write(self, value: str) -> str:
+        return value
+
+
+@admin.register(LedgerEntry)
+class LedgerEntryAdmin(admin.ModelAdmin):
+    change_list_template = "admin/billing/ledgerentry/change_list.html"
+    list_display = (
+        "created_at",
+        "api_key",
+        "requested_model",
+        "provider",
+        "upstream_key",
+        "outcome",
+        "status_code",
+        "streamed",
+        "tokens",
+        "usage_source",
+        "cost_usd",
+        "latency_ms",
+    )
+    list_filter = (
+        "created_at",
+        "provider",
+        RequestedModelFilter,
+        "api_key",
+        "upstream_key",
+        "outcome",
+        "streamed",
+        "usage_source",
+    )
+    list_select_related = ("api_key", "provider", "upstream_key__provider")
+    date_hierarchy = "created_at"
+    search_fields = ("=request_id", "requested_model", "upstream_model")
+    show_full_result_count = False
+    inlines = [AttemptInline]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    @admin.display(description="tokens")
+    def tokens(self, entry: LedgerEntry) -> int:
+        return entry.total_tokens
+
+    def get_urls(self):
+        export = path(
+            "export.csv",
+            self.admin_site.admin_view(self.export_csv),
+            name="billing_ledgerentry_export",
+        )
+        return [export, *super().get_urls()]
+
+    def changelist_view(self, request: HttpRequest, extra_context=None):
+        response = super().changelist_view(request, extra_context)
+        context = getattr(response, "context_data", None)
+        if context is not None and "cl" in context:
+            totals = ledger_totals(context["cl"].queryset)
+            context["totals"] = {
+                "requests": totals.requests,
+                "tokens": totals.tokens,
+                "cost_usd": plain_usd(totals.cost_usd),
+                "list_cost_usd": plain_usd(totals.list_cost_usd),
+                "savings_usd": plain_usd(totals.savings_usd),
+            }
+            context["export_query"] = request.GET.urlencode()
+        return response
+
+    def export_csv(self, request: HttpRequest) -> HttpResponse:
+        """The filtered rows as CSV, streamed; never a secret (keys by label and slug only)."""
+        if not self.has_view_permission(request):
+            return HttpResponse(status=403)
+        try:
+            changelist = self.get_changelist_instance(request)
+        except IncorrectLookupParameters:
+            return HttpResponse("Unknown filter.", status=400)
+        rows = changelist.queryset.values_list(*(lookup for _, lookup in CSV_COLUMNS))
+        filename = f"keyaos-ledger-{timezone.now():%Y%m%d-%H%M%S}.csv"
+        response = StreamingHttpResponse(_csv_lines(rows), content_type="text/csv")
+        response["Content-Disposition"] = f'attachment; filename="{filename}"'
+        return response
+
+
+def _csv_lines(rows) -> Iterator[str]:
+    writer = csv.writer(_Echo())
+    yield writer.writerow([name for name, _ in CSV_COLUMNS])
+    for row in rows.iterator(chunk_size=2000):
+        yield writer.writerow(row)
+
+
+@admin.register(DailyUsage)
+class DailyUsageAdmin(admin.ModelAdmin):
+    list_display = (
+        "day",
+        "api_key",
+        "provider",
+        "upstream_key",
+        "requested_model",
+        "requests",
+        "errors",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost_usd",
+        "list_cost_usd",
+    )
+    list_filter = ("day", "provider", "api_key")
+    list_select_related = ("api_key", "provider", "upstream_key__provider")
+    date_hierarchy = "day"
+    search_fields = ("requested_model",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False

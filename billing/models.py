@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from django.conf import settings
@@ -99,6 +100,31 @@ class ApiKey(models.Model):
     def set_key(self, plain: str) -> None:
         self.prefix = plain[: len(API_KEY_PREFIX) + 4]
         self.key_hash = hash_api_key(plain)
+
+    def current_period_spent_usd(self, now: datetime | None = None) -> Decimal:
+        """Spend in the budget period running now: zero once the period has rolled over."""
+        start = budget_period_start(self.budget_period, now or timezone.now())
+        if start is None:
+            return self.spent_usd
+        return self.period_spent_usd if self.period_started_at == start else Decimal(0)
+
+    def budget_remaining_usd(self, now: datetime | None = None) -> Decimal | None:
+        if self.budget_usd is None:
+            return None
+        return self.budget_usd - self.current_period_spent_usd(now)
+
+    def is_expired(self, now: datetime | None = None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (now or timezone.now())
+
+
+def budget_period_start(period: str, when: datetime) -> datetime | None:
+    """Start (UTC) of the budget period holding ``when``; None for a lifetime budget."""
+    when = when.astimezone(UTC)
+    if period == ApiKey.BudgetPeriod.DAY:
+        return when.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == ApiKey.BudgetPeriod.MONTH:
+        return when.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return None
 
 
 class LedgerEntry(models.Model):

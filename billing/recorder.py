@@ -17,14 +17,14 @@ from datetime import datetime
 from decimal import Decimal
 
 from django.db import transaction
-from django.db.models import F
+from django.db.models import Case, DateTimeField, DecimalField, F, Value, When
 from django.utils import timezone
 
 from billing.costs import Cost, Prices, request_cost
-from billing.models import ApiKey, Attempt, LedgerEntry
+from billing.models import ApiKey, Attempt, LedgerEntry, budget_period_start
 from billing.usage import Usage
 from keyaos.db import db_task
-from providers.models import UpstreamKey
+from providers.models import MONEY_DIGITS, UpstreamKey
 from providers.signals import bump_snapshot_version
 
 logger = logging.getLogger("keyaos.ledger")
@@ -61,6 +61,7 @@ class RequestRecord:
     prices: Prices | None = None
     multiplier: Decimal = Decimal(1)
     usd_per_unit: Decimal = Decimal(1)
+    budget_period: str = ApiKey.BudgetPeriod.LIFETIME
     attempts: list[AttemptRecord] = field(default_factory=list)
     latency_ms: int = 0
     ttfb_ms: int | None = None
@@ -80,6 +81,7 @@ class RequestRecord:
 def write_records(records: list[RequestRecord]) -> None:
     """Write a batch: ledger rows, attempts, balance debits and last-use times, atomically."""
     debits: dict[int, Decimal] = defaultdict(Decimal)
+    spends: dict[tuple[int, datetime | None], Decimal] = defaultdict(Decimal)
     last_used: dict[int, datetime] = {}
     entries = []
     for record in records:
@@ -87,6 +89,9 @@ def write_records(records: list[RequestRecord]) -> None:
         entries.append(_ledger_entry(record, cost))
         if cost is not None and record.upstream_key_id and cost.list_cost:
             debits[record.upstream_key_id] += cost.list_cost
+        if cost is not None and record.api_key_id and cost.cost_usd:
+            start = budget_period_start(record.budget_period, record.created_at)
+            spends[record.api_key_id, start] += cost.cost_usd
         if record.api_key_id:
             last_used[record.api_key_id] = max(
                 record.created_at, last_used.get(record.api_key_id, record.created_at)
@@ -99,8 +104,35 @@ def write_records(records: list[RequestRecord]) -> None:
             for number, attempt in enumerate(record.attempts, start=1)
         )
         _debit_balances(debits)
+        _add_client_spend(spends)
         for api_key_id, when in last_used.items():
             ApiKey.objects.filter(pk=api_key_id).update(last_used_at=when)
+
+
+def _add_client_spend(spends: dict[tuple[int, datetime | None], Decimal]) -> None:
+    """Add to the keys' lifetime and period spend in one UPDATE each, so concurrent writers
+    never lose an update. A newer period restarts the period spend; a late record of an older
+    period only counts towards the lifetime."""
+    for (api_key_id, start), amount in sorted(spends.items(), key=lambda item: item[0][0]):
+        if start is None:
+            period_spent, started = F("period_spent_usd") + amount, F("period_started_at")
+        else:
+            period_spent = Case(
+                When(period_started_at=start, then=F("period_spent_usd") + amount),
+                When(period_started_at__gt=start, then=F("period_spent_usd")),
+                default=Value(amount),
+                output_field=DecimalField(**MONEY_DIGITS),
+            )
+            started = Case(
+                When(period_started_at__gt=start, then=F("period_started_at")),
+                default=Value(start),
+                output_field=DateTimeField(),
+            )
+        ApiKey.objects.filter(pk=api_key_id).update(
+            spent_usd=F("spent_usd") + amount,
+            period_spent_usd=period_spent,
+            period_started_at=started,
+        )
 
 
 def _debit_balances(debits: dict[int, Decimal]) -> None:

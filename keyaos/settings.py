@@ -17,6 +17,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from keyaos.env import (
     env_bool,
+    env_decimal,
     env_float,
     env_int,
     env_list,
@@ -224,3 +225,4 @@ KEYAOS_TRANSIENT_COOLDOWN_S = env_float("KEYAOS_TRANSIENT_COOLDOWN_S", 5.0)
 KEYAOS_MAX_COOLDOWN_S = env_float("KEYAOS_MAX_COOLDOWN_S", 300.0)
 KEYAOS_RATE_LIMIT_COOLDOWN_S = env_float("KEYAOS_RATE_LIMIT_COOLDOWN_S", 30.0)
 DATA_UPLOAD_MAX_MEMORY_SIZE = KEYAOS_MAX_BODY_BYTES
+KEYAOS_LOW_BALANCE_USD = env_decimal("KEYAOS_LOW_BALANCE_USD", "1")

@@ -23,6 +23,7 @@ from billing.currency import UnknownCurrency, load_rates, to_usd, usd_per_unit
 from providers import services
 from providers.crypto import SecretDecryptionError
 from providers.models import (
+    BalanceReading,
     ModelAlias,
     ModelOffer,
     PriceHistory,
@@ -295,10 +296,32 @@ def health_badge(key: UpstreamKey) -> str:
     )
 
 
+class BalanceReadingInline(admin.TabularInline):
+    """The provider's figure next to the local count at each refresh: the drift."""
+
+    model = BalanceReading
+    fields = ("read_at", "provider_balance", "local_balance", "drift")
+    readonly_fields = fields
+    ordering = ("-read_at", "-id")
+    can_delete = False
+    extra = 0
+    max_num = 0
+    verbose_name_plural = "recent balance readings"
+
+    def get_queryset(self, request: HttpRequest):
+        queryset = super().get_queryset(request)
+        key_id = request.resolver_match.kwargs.get("object_id") if request.resolver_match else None
+        if key_id is None:
+            return queryset
+        recent = queryset.filter(key_id=key_id).order_by("-read_at", "-id")[:20]
+        return queryset.filter(pk__in=list(recent.values_list("pk", flat=True)))
+
+
 @admin.register(UpstreamKey)
 class UpstreamKeyAdmin(admin.ModelAdmin):
     add_form = UpstreamKeyAddForm
     form = UpstreamKeyChangeForm
+    inlines = [BalanceReadingInline]
     list_display = (
         "__str__",
         "provider",
@@ -306,6 +329,7 @@ class UpstreamKeyAdmin(admin.ModelAdmin):
         "secret_masked",
         "enabled",
         "balance_with_currency",
+        "last_drift",
         "balance_source",
         "multiplier",
         "health_status",
@@ -323,14 +347,44 @@ class UpstreamKeyAdmin(admin.ModelAdmin):
         "last_error",
         "last_error_at",
         "created_at",
+        "spend_last_30_days",
     )
     actions = ["validate_keys", "refresh_balances", "enable_keys", "disable_keys"]
+
+    def get_queryset(self, request: HttpRequest):
+        from django.db.models import OuterRef, Subquery
+
+        latest = BalanceReading.objects.filter(key=OuterRef("pk")).order_by("-read_at", "-id")
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(latest_drift=Subquery(latest.values("drift")[:1]))
+        )
+
+    def get_inlines(self, request: HttpRequest, obj):
+        # The readings are read-only: a save has nothing to post for them.
+        return self.inlines if obj is not None and request.method == "GET" else []
 
     @admin.display(description="balance", ordering="balance")
     def balance_with_currency(self, key: UpstreamKey) -> str:
         if key.balance is None:
             return "unknown"
         return f"{plain_amount(key.balance)} {key.provider.currency}"
+
+    @admin.display(description="last drift")
+    def last_drift(self, key: UpstreamKey) -> str:
+        drift = getattr(key, "latest_drift", None)
+        if drift is None:
+            return "-"
+        sign = "+" if drift > 0 else ""
+        return f"{sign}{plain_amount(drift)} {key.provider.currency}"
+
+    @admin.display(description="spend, last 30 days")
+    def spend_last_30_days(self, key: UpstreamKey) -> str:
+        from billing.admin import spend_summary
+        from billing.selectors import recent_spend
+
+        return spend_summary(recent_spend(upstream_key=key), "upstream_key", key.pk)
 
     @admin.display(description="health", ordering="health")
     def health_status(self, key: UpstreamKey) -> str:
@@ -357,6 +411,7 @@ class UpstreamKeyAdmin(admin.ModelAdmin):
             "last_error",
             "last_error_at",
             "created_at",
+            "spend_last_30_days",
         )
 
     def get_readonly_fields(self, request: HttpRequest, obj=None):
@@ -640,12 +695,17 @@ class ModelOfferAdmin(admin.ModelAdmin):
             }
             for offer in offers
         ]
+        from keyaos.dashboard import model_page
+
         context = {
             **self.admin_site.each_context(request),
             "opts": self.opts,
             "title": f"Offers for {canonical_id}",
             "canonical_id": canonical_id,
             "rows": rows,
+            "keys": model_page.serving_keys(offers),
+            "route": model_page.route_pick(canonical_id),
+            "price_charts": model_page.price_history_charts(offers, rates),
         }
         return TemplateResponse(request, "admin/providers/modeloffer/compare.html", context)
 

@@ -31,6 +31,7 @@ from providers.adapters import (
 )
 from providers.crypto import SecretDecryptionError
 from providers.models import (
+    BalanceReading,
     ModelOffer,
     Provider,
     RefreshResult,
@@ -308,14 +309,35 @@ def _merge(offer: ModelOffer, entry: CatalogEntry, canonical_id: str) -> tuple[s
 
 
 def store_balance(key_id: int, balance: Decimal, *, now: datetime | None = None) -> int:
-    """Save a fetched balance; a key that ran dry and now has credit serves again."""
-    updated = UpstreamKey.objects.filter(pk=key_id).update(
-        balance=balance, balance_updated_at=now or timezone.now()
-    )
-    if balance > 0:
-        UpstreamKey.objects.filter(pk=key_id, health=UpstreamKey.Health.EXHAUSTED).update(
-            health=UpstreamKey.Health.OK
+    """Save a fetched balance; a key that ran dry and now has credit serves again.
+
+    The figure Keyaos had counted down to is read under a row lock (no ledger debit slips in
+    between) and kept beside the provider's in a BalanceReading: their difference is the drift.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        local = (
+            UpstreamKey.objects.select_for_update()
+            .filter(pk=key_id)
+            .values_list("balance", flat=True)
+            .first()
         )
+        updated = UpstreamKey.objects.filter(pk=key_id).update(
+            balance=balance, balance_updated_at=now
+        )
+        if not updated:
+            return 0
+        BalanceReading.objects.create(
+            key_id=key_id,
+            read_at=now,
+            provider_balance=balance,
+            local_balance=local,
+            drift=None if local is None else balance - local,
+        )
+        if balance > 0:
+            UpstreamKey.objects.filter(pk=key_id, health=UpstreamKey.Health.EXHAUSTED).update(
+                health=UpstreamKey.Health.OK
+            )
     return updated
 
 

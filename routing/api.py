@@ -8,11 +8,14 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.http.request import RawPostDataException
 from ninja import NinjaAPI
 
-from routing.auth import authenticate
+from billing.limits import LimitExceeded
+from billing.models import LedgerEntry
+from routing.auth import access_denial, authenticate, limit_error
 from routing.catalog import list_models, model_entry
-from routing.proxy import Proxy, error_response
+from routing.proxy import Proxy, error_response, refuse
 from routing.requests import GatewayError, body_too_large, parse_client_request
 from routing.runtime import runtime
+from routing.snapshot import ClientKey, Snapshot
 
 api = NinjaAPI(
     title="Keyaos",
@@ -28,10 +31,18 @@ async def _proxy(request: HttpRequest, endpoint: str) -> HttpResponse:
     gateway = await runtime.ready()
     try:
         client = authenticate(request, gateway.snapshot)
-        client_request = parse_client_request(endpoint, _body(request))
     except GatewayError as error:
         return error_response(error)
-    proxy = Proxy(gateway, client_request, api_key_id=client.id or None, started=started)
+    denial = access_denial(request, client)
+    try:
+        client_request = parse_client_request(endpoint, _body(request))
+    except GatewayError as error:
+        if denial is None:
+            return error_response(error)
+        return refuse(gateway, client, endpoint, denial, started=started)
+    proxy = Proxy(gateway, client_request, client=client, started=started)
+    if denial is not None:
+        return proxy.fail(denial, LedgerEntry.Outcome.CLIENT_ERROR)
     return await proxy.respond()
 
 
@@ -66,17 +77,33 @@ async def embeddings(request: HttpRequest) -> HttpResponse:
 async def models(request: HttpRequest) -> HttpResponse:
     gateway = await runtime.ready()
     try:
-        authenticate(request, gateway.snapshot)
+        client = _allowed_client(request, gateway.snapshot)
     except GatewayError as error:
         return error_response(error)
-    return JsonResponse({"object": "list", "data": list_models(gateway.snapshot, gateway.board)})
+    entries = list_models(gateway.snapshot, gateway.board)
+    if client.limits is not None:
+        entries = [entry for entry in entries if client.limits.allows_model(entry["id"])]
+    return JsonResponse({"object": "list", "data": entries})
 
 
 @api.get("/models/{path:model}", include_in_schema=False)
 async def model(request: HttpRequest, model: str) -> HttpResponse:
     gateway = await runtime.ready()
     try:
-        authenticate(request, gateway.snapshot)
-        return JsonResponse(model_entry(gateway.snapshot, gateway.board, model))
+        client = _allowed_client(request, gateway.snapshot)
+        entry = model_entry(gateway.snapshot, gateway.board, model)
+        if client.limits is not None:
+            client.limits.check_model(model, entry["id"])
+        return JsonResponse(entry)
+    except LimitExceeded as refusal:
+        return error_response(limit_error(refusal))
     except GatewayError as error:
         return error_response(error)
+
+
+def _allowed_client(request: HttpRequest, snapshot: Snapshot) -> ClientKey:
+    client = authenticate(request, snapshot)
+    denial = access_denial(request, client)
+    if denial is not None:
+        raise denial
+    return client

@@ -1,4 +1,10 @@
-"""Who is calling ``/v1``: a client API key (keyed hash, looked up in the snapshot)."""
+"""Who is calling ``/v1`` and whether that key may call from here, now: a client API key (keyed
+hash, looked up in the snapshot), its expiry and its allowed client IPs.
+
+The client IP is the ASGI peer address (``REMOTE_ADDR``). Behind a reverse proxy, uvicorn's
+``--proxy-headers`` with ``--forwarded-allow-ips`` (``FORWARDED_ALLOW_IPS``) decides whether it is
+the proxy's address or the one the proxy forwards.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import hmac
 from django.conf import settings
 from django.http import HttpRequest
 
+from billing.limits import LimitExceeded
 from billing.models import hash_api_key
 from routing.requests import GatewayError
 from routing.snapshot import ClientKey, Snapshot
@@ -23,6 +30,7 @@ def presented_key(request: HttpRequest) -> str:
 
 
 def authenticate(request: HttpRequest, snapshot: Snapshot) -> ClientKey:
+    """The client key presented, or GatewayError 401. Expiry and IPs: ``access_denial``."""
     plain = presented_key(request)
     if not plain:
         raise GatewayError(
@@ -37,3 +45,27 @@ def authenticate(request: HttpRequest, snapshot: Snapshot) -> ClientKey:
     if client is None:
         raise GatewayError(401, "Invalid API key.", code="invalid_api_key")
     return client
+
+
+def client_ip(request: HttpRequest) -> str | None:
+    return request.META.get("REMOTE_ADDR") or None
+
+
+def access_denial(request: HttpRequest, client: ClientKey) -> GatewayError | None:
+    """Why this known key may not call now from this address (expired, IP), or None."""
+    if client.limits is None:
+        return None
+    try:
+        client.limits.check_access(client_ip(request))
+    except LimitExceeded as refusal:
+        return limit_error(refusal)
+    return None
+
+
+def limit_error(refusal: LimitExceeded) -> GatewayError:
+    headers = {}
+    if refusal.retry_after_s is not None:
+        headers["Retry-After"] = str(refusal.retry_after_s)
+    return GatewayError(
+        refusal.status, refusal.message, type=refusal.type, code=refusal.code, headers=headers
+    )

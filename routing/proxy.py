@@ -14,15 +14,19 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from decimal import Decimal
 
 import httpx
 from django.conf import settings
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 
 from billing.currency import usd_per_unit
+from billing.limits import LimitExceeded, Reservation, admit, persisted_spend, settle
 from billing.models import LedgerEntry
 from billing.recorder import AttemptRecord, RequestRecord
 from billing.usage import Usage, estimate_usage, parse_usage_json
+from keyaos.db import db_task
+from routing.auth import limit_error
 from routing.dispatcher import (
     AmbiguousModel,
     Candidate,
@@ -34,6 +38,7 @@ from routing.dispatcher import (
 from routing.failures import Failure, classify, redact, retry_after_seconds, upstream_message
 from routing.requests import ClientRequest, GatewayError
 from routing.runtime import Runtime
+from routing.snapshot import ClientKey
 
 Outcome = LedgerEntry.Outcome
 
@@ -65,30 +70,73 @@ class Proxy:
     """One client request on its way through the gateway."""
 
     def __init__(
-        self, runtime: Runtime, request: ClientRequest, *, api_key_id: int | None, started: float
+        self, runtime: Runtime, request: ClientRequest, *, client: ClientKey, started: float
     ) -> None:
         self.runtime = runtime
         self.request = request
+        self.client = client
         self.started = started
         self.overhead_ms: float | None = None
+        self.reservation: Reservation | None = None
         self.request_id = "req_" + uuid.uuid4().hex
         self.record = RequestRecord(
             request_id=self.request_id,
-            api_key_id=api_key_id,
+            api_key_id=client.id or None,
             requested_model=request.model,
             endpoint=request.endpoint,
             streamed=request.stream,
             outcome=Outcome.UPSTREAM_ERROR,
             status_code=502,
+            budget_period=client.budget_period,
         )
 
     async def respond(self) -> HttpResponse:
         try:
             decision = self._decide()
+            self._check_model(decision)
         except GatewayError as error:
             return self.fail(error, Outcome.CLIENT_ERROR)
         if not decision.candidates:
             return self.fail(_no_candidate_error(decision), Outcome.UPSTREAM_ERROR)
+        try:
+            await self._admit(decision.candidates[0])
+        except GatewayError as error:
+            return self.fail(error, Outcome.CLIENT_ERROR)
+        try:
+            return await self._try_candidates(decision)
+        except BaseException:
+            self._settle(cost_usd=Decimal(0), tokens=0)
+            raise
+
+    def _check_model(self, decision: Decision) -> None:
+        limits = self.client.limits
+        if limits is None:
+            return
+        try:
+            limits.check_model(self.request.model, decision.model)
+        except LimitExceeded as refusal:
+            raise limit_error(refusal) from None
+
+    async def _admit(self, top: Candidate) -> None:
+        """Count the request against the key's rates and reserve its estimated cost."""
+        limits = self.client.limits
+        if limits is None or not limits.metered:
+            return
+        try:
+            self.reservation = await admit(
+                limits,
+                estimated_cost_usd=top.estimated_cost_usd,
+                estimated_tokens=self.request.prompt_tokens,
+                load_spent=db_task(persisted_spend),
+            )
+        except LimitExceeded as refusal:
+            raise limit_error(refusal) from None
+
+    def _settle(self, *, cost_usd: Decimal, tokens: int) -> None:
+        if self.reservation is not None and not self.reservation.settled:
+            self.runtime.spawn(settle(self.reservation, cost_usd=cost_usd, tokens=tokens))
+
+    async def _try_candidates(self, decision: Decision) -> HttpResponse:
         last: AttemptFailure | None = None
         failures: list[AttemptFailure] = []
         for candidate in decision.candidates[: settings.KEYAOS_MAX_ATTEMPTS]:
@@ -353,6 +401,35 @@ class Proxy:
         self.record.latency_ms = _ms_since(self.started)
         self.record.overhead_ms = self.overhead_ms
         self.runtime.ledger.submit(self.record)
+        if self.reservation is not None:
+            cost = self.record.cost()
+            self._settle(
+                cost_usd=cost.cost_usd if cost is not None else Decimal(0),
+                tokens=self.record.usage.total_tokens,
+            )
+
+
+def refuse(
+    runtime: Runtime, client: ClientKey, endpoint: str, error: GatewayError, *, started: float
+) -> HttpResponse:
+    """Answer a refused request whose body could not be read, still leaving a ledger row."""
+    request_id = "req_" + uuid.uuid4().hex
+    runtime.ledger.submit(
+        RequestRecord(
+            request_id=request_id,
+            api_key_id=client.id or None,
+            requested_model="",
+            endpoint=endpoint,
+            streamed=False,
+            outcome=Outcome.CLIENT_ERROR,
+            status_code=error.status,
+            error=error.message,
+            latency_ms=_ms_since(started),
+        )
+    )
+    response = error_response(error)
+    response["x-request-id"] = request_id
+    return response
 
 
 class StreamReader:

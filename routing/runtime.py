@@ -30,6 +30,7 @@ class Runtime:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._poller: asyncio.Task | None = None
         self._starting: asyncio.Lock | None = None
+        self._reloading: asyncio.Lock | None = None
         self.background: set[asyncio.Task] = set()
         self._poll_failing = False
 
@@ -42,7 +43,7 @@ class Runtime:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         if self.loop is not loop:
-            self.loop, self._starting = loop, asyncio.Lock()
+            self.loop, self._starting, self._reloading = loop, asyncio.Lock(), asyncio.Lock()
             self.snapshot, self.client = None, None
         async with self._starting:
             if self.snapshot is not None:
@@ -73,8 +74,10 @@ class Runtime:
         return task
 
     async def reload(self) -> None:
-        self.snapshot = await db_task(build_snapshot)()
-        self.board.forget_marks(self.snapshot.keys)
+        """Rebuild the snapshot; builds run one at a time, so an older one never lands last."""
+        async with self._reloading:
+            self.snapshot = await db_task(build_snapshot)()
+            self.board.forget_marks(self.snapshot.keys)
 
     async def _poll(self) -> None:
         while True:

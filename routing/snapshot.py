@@ -14,6 +14,7 @@ from decimal import Decimal
 
 from billing.costs import Prices
 from billing.currency import load_rates
+from billing.limits import KeyLimits
 from billing.models import ApiKey
 from providers.crypto import SecretDecryptionError
 from providers.models import ModelOffer, Provider, UpstreamKey
@@ -69,6 +70,8 @@ class OfferInfo:
 class ClientKey:
     id: int
     name: str
+    budget_period: str = ApiKey.BudgetPeriod.LIFETIME
+    limits: KeyLimits | None = None  # None: nothing to check, no cache work
 
 
 @dataclass
@@ -143,9 +146,14 @@ def build_snapshot() -> Snapshot:
         )
     client_keys: dict[str, ClientKey] = {}
     disabled: set[str] = set()
-    for api_key in ApiKey.objects.only("id", "name", "key_hash", "enabled"):
+    for api_key in ApiKey.objects.defer("spent_usd", "period_spent_usd", "period_started_at"):
         if api_key.enabled:
-            client_keys[api_key.key_hash] = ClientKey(id=api_key.id, name=api_key.name)
+            client_keys[api_key.key_hash] = ClientKey(
+                id=api_key.id,
+                name=api_key.name,
+                budget_period=api_key.budget_period,
+                limits=KeyLimits.of(api_key),
+            )
         else:
             disabled.add(api_key.key_hash)
     return Snapshot(

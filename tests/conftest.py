@@ -57,9 +57,17 @@ class Gateway:
         self.run(runtime.reload())
 
     def flush_ledger(self) -> None:
+        """Wait for the work done after responses: health updates, then the ledger writes."""
+        import asyncio
+
         from routing.runtime import runtime
 
-        self.run(runtime.ledger.flush())
+        async def settle():
+            while runtime.background:
+                await asyncio.wait(set(runtime.background))
+            await runtime.ledger.flush()
+
+        self.run(settle())
 
     def reset_health(self) -> None:
         from django.core.cache import cache

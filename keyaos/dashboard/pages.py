@@ -1,0 +1,126 @@
+"""The admin index as a dashboard: figures and charts put into the template's context."""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_UP, Decimal
+
+from django.http import HttpRequest, HttpResponse
+from django.urls import reverse
+from django.utils import timezone
+
+from keyaos.dashboard.charts import (
+    BarRow,
+    Chart,
+    RunwayRow,
+    compact_number,
+    horizontal_bar_chart,
+    runway_chart,
+    stacked_bar_chart,
+)
+from keyaos.dashboard.figures import Dashboard, build_dashboard, low_balance_usd
+
+
+def format_usd(value: Decimal | int) -> str:
+    """$1,234.57 for dollars; four significant digits below a cent ($0.001234)."""
+    value = Decimal(value)
+    sign = "-" if value < 0 else ""
+    value = abs(value)
+    if value >= Decimal("0.01") or value == 0:
+        return f"{sign}${value.quantize(Decimal('0.01'), ROUND_HALF_UP):,}"
+    places = min(-value.adjusted() + 3, 10)
+    return f"{sign}${value.quantize(Decimal(1).scaleb(-places), ROUND_HALF_UP):f}"
+
+
+def format_amount(value: Decimal, currency: str) -> str:
+    return f"{value.quantize(Decimal('0.01'), ROUND_HALF_UP):,} {currency}"
+
+
+def axis_usd(value: Decimal) -> str:
+    return "$" + compact_number(value.quantize(Decimal("0.01")) if value < 1000 else value)
+
+
+def spend_chart(dashboard: Dashboard) -> Chart:
+    return stacked_bar_chart(
+        title="Spend per day by provider, last 30 days (USD)",
+        days=dashboard.days,
+        series=dashboard.spend_series,
+        fmt=format_usd,
+        empty_text="No spend in the last 30 days.",
+    )
+
+
+def models_chart(dashboard: Dashboard) -> Chart:
+    return horizontal_bar_chart(
+        title="Requests and tokens per model, last 30 days (top 10 by requests)",
+        rows=[BarRow(m.model, (m.requests, m.tokens)) for m in dashboard.models],
+        columns=["Requests", "Tokens"],
+        fmts=[lambda v: f"{v:,}", compact_number],
+        empty_text="No requests in the last 30 days.",
+    )
+
+
+def balance_chart(dashboard: Dashboard) -> Chart:
+    rows = []
+    for status in sorted(dashboard.keys_with_balance, key=lambda s: -s.balance_usd):
+        key = status.key
+        balance = format_amount(key.balance, key.provider.currency)
+        if key.provider.currency != "USD":
+            balance += f" ({format_usd(status.balance_usd)})"
+        runway = status.runway_days
+        rows.append(
+            RunwayRow(
+                label=str(key),
+                balance_usd=max(status.balance_usd, Decimal(0)),
+                balance_text=balance,
+                runway_text=status.runway_text,
+                warn=bool(status.reasons) or (runway is not None and runway < 3),
+            )
+        )
+    return runway_chart(
+        title="Upstream key balances and expected runway at the 7-day burn rate",
+        rows=rows,
+        empty_text="No key has a known balance.",
+    )
+
+
+def index_context(request: HttpRequest) -> dict:
+    dashboard = build_dashboard()
+    refresh = dashboard.refresh
+    return {
+        "dashboard": dashboard,
+        "time_zone": timezone.get_current_timezone_name(),
+        "low_balance_usd": format_usd(low_balance_usd()),
+        "figures": [
+            {
+                "window": window,
+                "spend": format_usd(window.spend_usd),
+                "list_savings": format_usd(window.savings_vs_list_usd),
+                "max_savings": format_usd(window.savings_vs_max_usd),
+                "error_rate": "-" if window.error_rate is None else f"{window.error_rate:.1f}%",
+            }
+            for window in dashboard.windows
+        ],
+        "charts": [spend_chart(dashboard), models_chart(dashboard), balance_chart(dashboard)],
+        "refresh_url": refresh
+        and reverse("admin:providers_refreshrun_change", args=[refresh.run.pk]),
+        "attention": [
+            {
+                "status": status,
+                "url": reverse("admin:providers_upstreamkey_change", args=[status.key.pk]),
+            }
+            for status in dashboard.keys_needing_attention
+        ],
+    }
+
+
+def install_dashboard_index(site) -> None:
+    """Make ``site``'s index page (admin/index.html) the dashboard; call before ``site.urls``."""
+    plain_index = site.index
+
+    def index(request: HttpRequest, extra_context: dict | None = None) -> HttpResponse:
+        context = dict(extra_context or {})
+        if request.user.has_perm("billing.view_ledgerentry"):
+            context = {**index_context(request), **context}
+        return plain_index(request, context)
+
+    site.index = index

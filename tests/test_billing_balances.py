@@ -1,0 +1,105 @@
+"""Upstream balances: debited per request, exhausted at zero, reconciled (with drift) at refresh."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import httpx
+import pytest
+
+from providers.models import BalanceReading, UpstreamKey
+from providers.refresh import refresh_providers, store_balance
+from tests.factories import make_client_key, make_key, make_offer, make_provider
+from tests.fake_upstream import chat_completion
+
+MODEL = "openai/gpt-4o-mini"
+PREFIX = "openrouter/api/v1"
+
+
+@pytest.fixture
+def openrouter(gateway, fake_upstream):
+    provider = make_provider("openrouter", fake_upstream.url(PREFIX))
+    make_offer(provider, MODEL, input="0.15", output="0.6")
+    key = make_key(
+        provider,
+        "sk-or-v1-" + "x" * 40,
+        balance=Decimal("0.000005"),
+        balance_source=UpstreamKey.BalanceSource.AUTO,
+    )
+    _, client_key = make_client_key()
+    gateway.reload()
+    fake_upstream.reply(
+        "POST",
+        f"/{PREFIX}/chat/completions",
+        json_body=chat_completion(MODEL, prompt_tokens=12, completion_tokens=3, cost=0.0000036),
+    )
+    fake_upstream.reply(
+        "GET",
+        f"/{PREFIX}/models",
+        json_body={
+            "data": [
+                {
+                    "id": MODEL,
+                    "name": MODEL,
+                    "context_length": 128000,
+                    "pricing": {"prompt": "0.00000015", "completion": "0.0000006"},
+                }
+            ]
+        },
+    )
+    fake_upstream.reply("GET", f"/{PREFIX}/embeddings/models", json_body={"data": []})
+    return key, client_key
+
+
+def chat(gateway, client_key: str) -> httpx.Response:
+    return httpx.post(
+        gateway.url + "/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]},
+        headers={"Authorization": f"Bearer {client_key}"},
+        timeout=10,
+    )
+
+
+def test_an_exhausted_key_leaves_routing_and_returns_after_a_refresh_shows_credit(
+    openrouter, gateway, fake_upstream
+):
+    key, client_key = openrouter
+
+    assert [chat(gateway, client_key).status_code for _ in range(2)] == [200, 200]
+    gateway.flush_ledger()
+    key.refresh_from_db()
+    assert key.balance == Decimal("-0.0000022")
+    assert key.health == UpstreamKey.Health.EXHAUSTED
+    gateway.reload()
+    refused = chat(gateway, client_key)
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "no_available_key"
+
+    fake_upstream.reply(
+        "GET",
+        f"/{PREFIX}/credits",
+        json_body={"data": {"total_credits": 10, "total_usage": 1.5}},
+    )
+    refresh_providers(trigger="command")
+    gateway.reload()
+
+    key.refresh_from_db()
+    assert (key.balance, key.health) == (Decimal("8.5"), UpstreamKey.Health.OK)
+    assert chat(gateway, client_key).status_code == 200
+    reading = BalanceReading.objects.get(key=key)
+    assert reading.provider_balance == Decimal("8.5")
+    assert reading.local_balance == Decimal("-0.0000022")
+    assert reading.drift == Decimal("8.5000022")
+
+
+@pytest.mark.django_db
+def test_a_balance_reading_records_the_drift_from_the_local_count():
+    provider = make_provider("openrouter", "http://127.0.0.1:9/api/v1")
+    key = make_key(provider, "sk-or-v1-" + "y" * 40, balance=Decimal("4.25"))
+
+    store_balance(key.pk, Decimal("4.2"))
+    store_balance(key.pk, Decimal("4.2"))
+
+    first, second = BalanceReading.objects.order_by("id")
+    assert (first.local_balance, first.drift) == (Decimal("4.25"), Decimal("-0.05"))
+    assert second.drift == Decimal("0")
