@@ -1,6 +1,9 @@
 # Keyaos. `make run` sets everything up and serves; `make test` runs the suite.
 # Variables: PYTHON (interpreter for the virtualenv), HOST, PORT, WEB_CONCURRENCY (read by
 # `manage.py serve`), PYTEST_ARGS (extra pytest arguments), e.g. `make test PYTEST_ARGS="-k admin"`.
+# `make bench` takes CONCURRENCY, DURATION, WARMUP, SOAK, SOAK_CONCURRENCY, TTFT_MS, GAP_MS,
+# CHUNKS, PROFILE=1, TRANSPORT=aiohttp and BENCH_ARGS (see bench/README.md), e.g.
+# `make bench CONCURRENCY="1 10 50" DURATION=10` or `make bench SOAK=300`.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -26,7 +29,7 @@ for candidate in $(if $(PYTHON),$(PYTHON),python3.13 python3.12 python3 \
 done
 endef
 
-.PHONY: help run test lint migrate clean install
+.PHONY: help run test lint migrate clean install bench
 
 help:
 	@echo "make run      set up (.venv, migrations, admin user, static files) and serve on"
@@ -34,6 +37,8 @@ help:
 	@echo "make test     run the test suite (PYTEST_ARGS=... for extra pytest arguments)"
 	@echo "make lint     ruff check and ruff format --check"
 	@echo "make migrate  apply database migrations"
+	@echo "make bench    benchmark the gateway against a fake upstream (SOAK=300 for a soak;"
+	@echo "              PostgreSQL when DATABASE_URL is set); results in bench/results/"
 	@echo "make install  create or update .venv from requirements.txt"
 	@echo "make clean    remove .venv (never the data in var/)"
 
@@ -52,6 +57,25 @@ lint: install
 
 migrate: install
 	$(MANAGE) migrate --noinput
+
+# Tools for bench experiments only, not needed to run Keyaos (so not in requirements.txt).
+PY_SPY := py-spy==0.4.3
+HTTPX_AIOHTTP := httpx-aiohttp==0.2.0
+
+BENCH_OPTIONS = $(if $(CONCURRENCY),--concurrency $(CONCURRENCY)) \
+	$(if $(DURATION),--duration $(DURATION)) $(if $(WARMUP),--warmup $(WARMUP)) \
+	$(if $(filter-out 0,$(SOAK)),--soak $(SOAK)) \
+	$(if $(SOAK_CONCURRENCY),--soak-concurrency $(SOAK_CONCURRENCY)) \
+	$(if $(TTFT_MS),--ttft-ms $(TTFT_MS)) $(if $(GAP_MS),--gap-ms $(GAP_MS)) \
+	$(if $(CHUNKS),--chunks $(CHUNKS)) $(if $(filter-out 0,$(PROFILE)),--profile) \
+	$(if $(TRANSPORT),--transport $(TRANSPORT)) $(BENCH_ARGS)
+
+bench: install
+	$(if $(filter-out 0,$(PROFILE)),$(BIN)/python -m pip install \
+		--disable-pip-version-check --quiet $(PY_SPY))
+	$(if $(filter aiohttp,$(TRANSPORT)),$(BIN)/python -m pip install \
+		--disable-pip-version-check --quiet $(HTTPX_AIOHTTP))
+	$(BIN)/python -m bench.run $(strip $(BENCH_OPTIONS))
 
 clean:
 	rm -rf $(VENV)

@@ -1,0 +1,60 @@
+"""Counts the bench database's ledger after the gateway stopped, and matches it to what was sent.
+
+Run with the bench's environment: ``python -m bench.ledger_check --ids FILE --sent N``. Prints one
+JSON object; ``ok`` is true when every answered request id has exactly one ledger row and the rows
+number exactly the requests sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def check(ids_file: str | None, sent: int) -> dict:
+    from django.db import connection
+    from django.db.models import Count
+
+    from billing.models import LedgerEntry
+
+    outcomes = dict(
+        LedgerEntry.objects.values_list("outcome").annotate(n=Count("id")).order_by("outcome")
+    )
+    rows = sum(outcomes.values())
+    recorded = list(LedgerEntry.objects.values_list("request_id", flat=True))
+    distinct = set(recorded)
+    answered: set[str] = set()
+    if ids_file and os.path.exists(ids_file):
+        with open(ids_file) as ids:
+            answered = {line.strip() for line in ids if line.strip()}
+    missing = answered - distinct
+    return {
+        "ok": rows == sent and len(distinct) == rows and not missing,
+        "sent": sent,
+        "rows": rows,
+        "duplicate_rows": rows - len(distinct),
+        "answered_ids": len(answered),
+        "answered_without_row": len(missing),
+        "rows_without_answered_id": len(distinct - answered) if answered else None,
+        "outcomes": outcomes,
+        "database": connection.vendor,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ids", help="file with one answered x-request-id a line")
+    parser.add_argument("--sent", type=int, required=True, help="requests sent to the gateway")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "keyaos.settings")
+    import django
+
+    django.setup()
+    json.dump(check(args.ids, args.sent), sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,822 @@
+"""``make bench``: Keyaos against a fast fake upstream, measured the way production runs it.
+
+It makes a throwaway state folder (SQLite) or, when ``DATABASE_URL`` is set, a dedicated PostgreSQL
+database (``keyaos_bench``, created and dropped here; the URL's own database is never touched),
+migrates it, seeds a provider that points at the fake upstream, a priced offer, an upstream key and
+a client key with the real management commands, then starts uvicorn as ``manage.py serve`` does
+(one worker, lifespan on, access log on). Load comes from ``bench.load`` in separate processes.
+
+Placement on a machine with two or more cores: the gateway alone on the first core, this script,
+the fake upstream and the load generator on the second.
+
+For each mode (non-streaming, streaming) and concurrency it measures the fake upstream straight
+and then through Keyaos: requests/s, latency percentiles, the latency and time to first token
+Keyaos adds, and the gateway's CPU time per request from ``/proc``. Afterwards it stops the gateway
+gracefully (which flushes the ledger) and checks that every request has exactly one ledger row.
+``--soak SECONDS`` runs steady mixed load instead and samples the gateway's memory over time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+RESULTS_DIR = BASE_DIR / "bench" / "results"
+MODEL = "bench-model"
+PROVIDER = "bench"
+UPSTREAM_SECRET = "sk-bench-upstream-secret"
+MODES = ("json", "stream")
+STARTUP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 30.0
+
+# What the issue asks of one uvicorn worker (bench/README.md).
+TARGETS = {
+    "cpu_ms_per_request_json": 2.5,
+    "cpu_ms_per_stream": 4.0,
+    "added_p50_ms_c1": 2.0,
+    "added_p99_ms_c1": 5.0,
+    "added_ttft_p50_ms_c1": 2.0,
+    "peak_memory_mb": 150.0,
+    "startup_s": 3.0,
+}
+
+
+@dataclass
+class Placement:
+    gateway: set[int] | None
+    others: set[int] | None
+
+    @classmethod
+    def for_this_machine(cls) -> Placement:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < 2:
+            return cls(None, None)
+        return cls({cores[0]}, {cores[1]})
+
+    def describe(self) -> str:
+        if self.gateway is None:
+            return "not pinned (fewer than 2 cores available)"
+        return (
+            f"gateway on core {min(self.gateway)}; "
+            f"fake upstream, load generator and this script on core {min(self.others)}"
+        )
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    placement: Placement
+    state_dir: Path
+    env: dict[str, str]
+    database: str
+    admin_url: str | None = None
+    upstream: subprocess.Popen | None = None
+    gateway: subprocess.Popen | None = None
+    gateway_log: Path | None = None
+    api_key: str = ""
+    upstream_port: int = 0
+    gateway_port: int = 0
+    sent_to_gateway: int = 0
+    ids_file: Path = field(default_factory=Path)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def upstream_chat_url(self) -> str:
+        return f"http://127.0.0.1:{self.upstream_port}/v1/chat/completions"
+
+    @property
+    def gateway_chat_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}/v1/chat/completions"
+
+
+# --- set-up --------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bench_database_url(url: str, name: str) -> tuple[str, str]:
+    """The bench's own database next to the one ``url`` names, and the server's maintenance one."""
+    parts = urlsplit(url)
+    bench = urlunsplit(parts._replace(path=f"/{name}"))
+    maintenance = urlunsplit(parts._replace(path="/postgres"))
+    return bench, maintenance
+
+
+def recreate_database(maintenance_url: str, name: str, *, drop_only: bool = False) -> None:
+    import psycopg
+
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+        raise SystemExit(f"bench database name {name!r} must be a plain lower-case identifier")
+    with psycopg.connect(maintenance_url, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if not drop_only:
+            connection.execute(f'CREATE DATABASE "{name}"')
+
+
+def prepare(args: argparse.Namespace) -> Bench:
+    placement = Placement.for_this_machine()
+    if placement.others is not None:
+        os.sched_setaffinity(0, placement.others)
+    state_dir = Path(tempfile.mkdtemp(prefix="keyaos-bench-"))
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "keyaos.settings",
+        "KEYAOS_STATE_DIR": str(state_dir),
+        "PYTHONUNBUFFERED": "1",
+    }
+    source_url = env.pop("DATABASE_URL", "")
+    bench = Bench(args, placement, state_dir, env, database="sqlite")
+    bench.ids_file = state_dir / "request-ids.txt"
+    if source_url:
+        bench_url, maintenance = bench_database_url(source_url, args.database_name)
+        recreate_database(maintenance, args.database_name)
+        bench.admin_url = maintenance
+        bench.database = f"postgresql (database {args.database_name})"
+        env["DATABASE_URL"] = bench_url
+        env.setdefault("SECRET_KEY", "bench-" + secrets.token_urlsafe(40))
+        if "KEYAOS_ENCRYPTION_KEYS" not in env:
+            from cryptography.fernet import Fernet
+
+            env["KEYAOS_ENCRYPTION_KEYS"] = Fernet.generate_key().decode()
+    return bench
+
+
+def manage(bench: Bench, *command: str, stdin: str | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "manage.py", *command],
+        cwd=BASE_DIR,
+        env=bench.env,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen, stdin: str | None = None) -> str:
+    out, err = process.communicate(stdin, timeout=120)
+    if process.returncode:
+        raise SystemExit(f"{' '.join(process.args[1:])} failed:\n{out}{err}")
+    return out
+
+
+def seed(bench: Bench) -> None:
+    """Provider, offer, upstream key and client key, through the real management commands."""
+    finish(manage(bench, "migrate", "--noinput"))
+    base_url = f"http://127.0.0.1:{bench.upstream_port}/v1"
+    provider = manage(
+        bench,
+        *("add_provider", PROVIDER, "--preset", "openai-compatible"),
+        *("--base-url", base_url, "--currency", "USD"),
+    )
+    client_key = manage(bench, "create_api_key", "bench")
+    finish(provider)
+    price = manage(bench, "set_price", PROVIDER, MODEL, "--input", "1", "--output", "2")
+    upstream_key = manage(bench, "add_upstream_key", PROVIDER, "--label", "bench", stdin="")
+    finish(upstream_key, UPSTREAM_SECRET + "\n")
+    finish(price)
+    bench.api_key = finish(client_key).strip().splitlines()[-1]
+
+
+def start_upstream(bench: Bench) -> None:
+    bench.upstream_port = free_port()
+    args = bench.args
+    bench.upstream = subprocess.Popen(
+        [
+            sys.executable,
+            *("-m", "bench.fake_upstream", "--port", str(bench.upstream_port)),
+            *("--ttft-ms", str(args.ttft_ms), "--gap-ms", str(args.gap_ms)),
+            *("--chunks", str(args.chunks)),
+        ],
+        cwd=BASE_DIR,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    if bench.upstream.stdout.readline().strip() != "ready":
+        raise SystemExit("the fake upstream did not start")
+
+
+def uvicorn_command(*, port: int, app: str = "keyaos.asgi:application") -> list[str]:
+    """What ``manage.py serve`` runs (tests/test_bench.py keeps the two the same), one worker."""
+    return [
+        sys.executable,
+        *("-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)),
+        *("--workers", "1", "--proxy-headers", "--timeout-graceful-shutdown", "10"),
+        *("--lifespan", "on", "--no-server-header"),
+    ]
+
+
+def gateway_command(bench: Bench) -> list[str]:
+    if bench.args.transport == "aiohttp":
+        return uvicorn_command(port=bench.gateway_port, app="bench.aiohttp_gateway:application")
+    return uvicorn_command(port=bench.gateway_port)
+
+
+def start_gateway(bench: Bench) -> float:
+    """Start uvicorn; returns the seconds from process start until ``/v1/models`` answers."""
+    bench.gateway_port = free_port()
+    bench.gateway_log = bench.state_dir / "gateway.log"
+    cores = bench.placement.gateway
+    started = time.perf_counter()
+    with open(bench.gateway_log, "wb") as log:
+        bench.gateway = subprocess.Popen(
+            gateway_command(bench),
+            cwd=BASE_DIR,
+            env=bench.env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
+        )
+    url = f"http://127.0.0.1:{bench.gateway_port}/v1/models"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {bench.api_key}"})
+    while time.perf_counter() - started < STARTUP_TIMEOUT_S:
+        if bench.gateway.poll() is not None:
+            raise SystemExit(f"the gateway exited at start-up:\n{gateway_log_tail(bench)}")
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                if response.status == 200:
+                    return time.perf_counter() - started
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.01)
+    raise SystemExit(f"the gateway did not answer within {STARTUP_TIMEOUT_S} s")
+
+
+def gateway_log_tail(bench: Bench, lines: int = 30) -> str:
+    if bench.gateway_log is None or not bench.gateway_log.exists():
+        return ""
+    return "\n".join(bench.gateway_log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def proc_status_mb(pid: int, field_name: str) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def stop_gateway(bench: Bench) -> None:
+    """SIGINT: uvicorn shuts down gracefully and the lifespan shutdown flushes the ledger."""
+    if bench.gateway is None or bench.gateway.poll() is not None:
+        return
+    bench.gateway.send_signal(signal.SIGINT)
+    try:
+        bench.gateway.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        bench.gateway.kill()
+        bench.gateway.wait()
+        bench.notes.append("the gateway did not stop gracefully; it was killed")
+
+
+def cleanup(bench: Bench) -> None:
+    for process in (bench.gateway, bench.upstream):
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+    if bench.admin_url and not bench.args.keep:
+        with contextlib.suppress(Exception):
+            recreate_database(bench.admin_url, bench.args.database_name, drop_only=True)
+    if bench.args.keep:
+        print(f"kept the state folder {bench.state_dir}", file=sys.stderr)
+    else:
+        shutil.rmtree(bench.state_dir, ignore_errors=True)
+
+
+# --- load ----------------------------------------------------------------------------------------
+
+
+def load_command(bench: Bench, url: str, mode: str, concurrency: int, **options) -> list[str]:
+    command = [
+        sys.executable,
+        *("-m", "bench.load", "--url", url, "--model", MODEL, "--mode", mode),
+        *("--concurrency", str(concurrency)),
+    ]
+    for name, value in options.items():
+        if value is not None:
+            command += [f"--{name.replace('_', '-')}", str(value)]
+    return command
+
+
+def read_load_result(process: subprocess.Popen, timeout_s: float) -> dict:
+    out, err = process.communicate(timeout=timeout_s)
+    if process.returncode:
+        raise SystemExit(f"the load generator failed:\n{err}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_load(bench: Bench, target: str, mode: str, concurrency: int, duration: float) -> dict:
+    through_gateway = target == "keyaos"
+    command = load_command(
+        bench,
+        bench.gateway_chat_url if through_gateway else bench.upstream_chat_url,
+        mode,
+        concurrency,
+        duration=duration,
+        warmup=bench.args.warmup,
+        api_key=bench.api_key if through_gateway else None,
+        watch_pid=bench.gateway.pid if through_gateway else None,
+        ids_file=bench.ids_file if through_gateway else None,
+    )
+    process = subprocess.Popen(command, cwd=BASE_DIR, stdout=subprocess.PIPE, text=True)
+    profiler = None
+    if through_gateway and bench.args.profile and concurrency == max(bench.args.concurrency):
+        profiler = start_profiler(bench, mode, bench.args.warmup + duration)
+    result = read_load_result(process, bench.args.warmup + duration + 120)
+    if profiler is not None:
+        result["profile"] = finish_profiler(*profiler)
+    if through_gateway:
+        bench.sent_to_gateway += result["sent"]
+    return result
+
+
+def phase(bench: Bench, mode: str, concurrency: int) -> dict:
+    duration = bench.args.duration
+    direct = run_load(bench, "direct", mode, concurrency, duration)
+    keyaos = run_load(bench, "keyaos", mode, concurrency, duration)
+    row = {
+        "mode": mode,
+        "concurrency": concurrency,
+        "direct": direct,
+        "keyaos": keyaos,
+        "added_latency_ms": {
+            rank: _difference(keyaos["latency_ms"][rank], direct["latency_ms"][rank])
+            for rank in ("p50", "p95", "p99")
+        },
+        "added_ttft_ms": None,
+        "cpu_ms_per_request": keyaos.get("cpu_ms_per_request"),
+        "cpu_system_share": _share(keyaos.get("cpu_system_s"), keyaos.get("cpu_s")),
+        "errors": keyaos["errors"],
+    }
+    if mode == "stream" and keyaos["ttft_ms"] and direct["ttft_ms"]:
+        row["added_ttft_ms"] = {
+            rank: _difference(keyaos["ttft_ms"][rank], direct["ttft_ms"][rank])
+            for rank in ("p50", "p95", "p99")
+        }
+    return row
+
+
+def _share(part: float | None, whole: float | None) -> float | None:
+    return round(part / whole, 3) if part is not None and whole else None
+
+
+def _difference(through: float | None, direct: float | None) -> float | None:
+    if through is None or direct is None:
+        return None
+    return round(through - direct, 3)
+
+
+# --- profile -------------------------------------------------------------------------------------
+
+PACKAGES = (
+    ("routing/", "keyaos: routing"),
+    ("billing/", "keyaos: billing"),
+    ("providers/", "keyaos: providers"),
+    ("keyaos/", "keyaos: project"),
+    ("/httpx/", "httpx"),
+    ("/httpcore/", "httpcore"),
+    ("/h11/", "h11 (HTTP/1.1 parser)"),
+    ("/anyio/", "anyio"),
+    ("/aiohttp/", "aiohttp"),
+    ("/ninja/", "django-ninja"),
+    ("/asgiref/", "asgiref (sync/async bridge)"),
+    ("/django/db/", "django ORM"),
+    ("/django/", "django"),
+    ("/uvicorn/", "uvicorn"),
+    ("/asyncio/", "asyncio"),
+    ("/concurrent/", "thread pool"),
+    ("/threading.py", "thread pool"),
+    ("/logging/", "logging (access log)"),
+    ("/json/", "json"),
+    ("/sqlite3/", "sqlite3"),
+    ("/psycopg", "psycopg"),
+)
+
+
+def start_profiler(bench: Bench, mode: str, seconds: float) -> tuple[subprocess.Popen, Path]:
+    py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if py_spy is None:
+        raise SystemExit("PROFILE needs py-spy: make bench PROFILE=1 installs it")
+    output = RESULTS_DIR / f"profile-{mode}.txt"
+    process = subprocess.Popen(
+        [
+            py_spy,
+            *("record", "--pid", str(bench.gateway.pid), "--rate", "250"),
+            *("--duration", str(max(1, round(seconds))), "--nonblocking"),
+            *("--format", "raw", "--output", str(output)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return process, output
+
+
+def finish_profiler(process: subprocess.Popen, output: Path) -> dict:
+    process.wait(timeout=120)
+    if not output.exists():
+        return {"error": "py-spy wrote nothing"}
+    return summarise_profile(output.read_text())
+
+
+def _frame_name(frame: str) -> tuple[str, str]:
+    """``'send (httpx/_client.py:1629)'`` -> (``'send (httpx/_client.py)'``, path)."""
+    match = re.match(r"(.*) \((.*?)(?::\d+)?\)$", frame)
+    if not match:
+        return frame, ""
+    function, path = match.groups()
+    return f"{function} ({_short_path(path)})", path
+
+
+def _short_path(path: str) -> str:
+    for marker in ("site-packages/", "python3.12/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path.removeprefix(str(BASE_DIR) + "/")
+
+
+def _package(path: str) -> str:
+    path = "/" + _short_path(path)
+    for marker, name in PACKAGES:
+        if marker in path:
+            return name
+    return "other"
+
+
+def summarise_profile(raw: str, top: int = 15) -> dict:
+    """Self and inclusive sample shares per function, and self share per package."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    packages: Counter[str] = Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        samples = int(count)
+        total += samples
+        frames = [_frame_name(frame) for frame in stack.split(";")]
+        leaf_name, leaf_path = frames[-1]
+        own[leaf_name] += samples
+        packages[_package(leaf_path)] += samples
+        for name in {name for name, _ in frames}:
+            inclusive[name] += samples
+    if not total:
+        return {"samples": 0}
+
+    def shares(counter: Counter[str], limit: int) -> list[list]:
+        return [[name, round(100 * n / total, 1)] for name, n in counter.most_common(limit)]
+
+    return {
+        "samples": total,
+        "self_percent": shares(own, top),
+        "inclusive_percent": shares(inclusive, top * 2),
+        "package_self_percent": shares(packages, len(PACKAGES) + 1),
+    }
+
+
+# --- soak ----------------------------------------------------------------------------------------
+
+
+def soak(bench: Bench) -> dict:
+    args = bench.args
+    command = load_command(
+        bench,
+        bench.gateway_chat_url,
+        "mixed",
+        args.soak_concurrency,
+        duration=args.soak,
+        warmup=args.warmup,
+        api_key=bench.api_key,
+        watch_pid=bench.gateway.pid,
+        ids_file=bench.ids_file,
+    )
+    process = subprocess.Popen(command, cwd=BASE_DIR, stdout=subprocess.PIPE, text=True)
+    started = time.monotonic()
+    samples = []
+    while process.poll() is None:
+        samples.append(
+            [round(time.monotonic() - started, 1), proc_status_mb(bench.gateway.pid, "VmRSS")]
+        )
+        _progress(f"soak: {samples[-1][0]:.0f}/{args.soak:.0f} s, RSS {samples[-1][1]} MB")
+        deadline = time.monotonic() + args.soak_sample_s
+        while process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    result = read_load_result(process, 60)
+    bench.sent_to_gateway += result["sent"]
+    return {"load": result, "memory": memory_trend(samples)}
+
+
+def memory_trend(samples: list[list[float]]) -> dict:
+    """First, last and max RSS, and the growth rate after the first fifth of the run."""
+    rss = [mb for _, mb in samples]
+    settled = samples[len(samples) // 5 :] if len(samples) >= 5 else samples
+    slope = _slope(settled)
+    return {
+        "samples_mb": samples,
+        "first_mb": rss[0] if rss else None,
+        "last_mb": rss[-1] if rss else None,
+        "max_mb": max(rss) if rss else None,
+        "slope_mb_per_min": round(slope * 60, 3) if slope is not None else None,
+        "flat": slope is not None and slope * 60 <= 0.5,
+    }
+
+
+def _slope(samples: list[list[float]]) -> float | None:
+    if len(samples) < 2:
+        return None
+    xs = [t for t, _ in samples]
+    ys = [mb for _, mb in samples]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    if not spread:
+        return None
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / spread
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def check_ledger(bench: Bench) -> dict:
+    process = subprocess.run(
+        [
+            sys.executable,
+            *("-m", "bench.ledger_check", "--ids", str(bench.ids_file)),
+            *("--sent", str(bench.sent_to_gateway)),
+        ],
+        cwd=BASE_DIR,
+        env=bench.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if process.returncode:
+        return {"ok": False, "error": process.stderr[-2000:]}
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    import django
+    import uvicorn
+
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gb": round(memory_gb, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "django": django.get_version(),
+        "uvicorn": uvicorn.__version__,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def targets(rows: list[dict], startup_s: float, peak_mb: float) -> dict:
+    def worst(mode: str) -> float | None:
+        values = [r["cpu_ms_per_request"] for r in rows if r["mode"] == mode]
+        values = [v for v in values if v is not None]
+        return max(values) if values else None
+
+    def at_c1(mode: str, key: str, rank: str) -> float | None:
+        for row in rows:
+            if row["mode"] == mode and row["concurrency"] == 1 and row[key]:
+                return row[key][rank]
+        return None
+
+    top = max((r["concurrency"] for r in rows), default=0)
+    figures = {
+        "cpu_ms_per_request_json": worst("json"),
+        "cpu_ms_per_stream": worst("stream"),
+        "added_p50_ms_c1": at_c1("json", "added_latency_ms", "p50"),
+        "added_p99_ms_c1": at_c1("json", "added_latency_ms", "p99"),
+        "added_ttft_p50_ms_c1": at_c1("stream", "added_ttft_ms", "p50"),
+        "peak_memory_mb": peak_mb,
+        "startup_s": round(startup_s, 3),
+    }
+    checks = {
+        name: {
+            "value": value,
+            "target": TARGETS[name],
+            "met": None if value is None else value <= TARGETS[name],
+        }
+        for name, value in figures.items()
+    }
+    errors_at_top = sum(r["errors"] for r in rows if r["concurrency"] == top)
+    checks[f"errors_at_c{top}"] = {"value": errors_at_top, "target": 0, "met": errors_at_top == 0}
+    return checks
+
+
+def _cell(value, width: int, digits: int = 2) -> str:
+    if value is None:
+        return "-".rjust(width)
+    if isinstance(value, float):
+        return f"{value:.{digits}f}".rjust(width)
+    return str(value).rjust(width)
+
+
+def _percent(share: float | None) -> str:
+    return "-".rjust(4) if share is None else f"{share * 100:3.0f}%"
+
+
+def table(rows: list[dict]) -> str:
+    header = (
+        f"{'mode':<6} {'conc':>4} | {'direct rps':>10} {'p50':>6} {'p99':>6} | "
+        f"{'keyaos rps':>10} {'p50':>7} {'p95':>7} {'p99':>7} | {'added p50':>9} {'p99':>7} | "
+        f"{'ttft+ p50':>9} | {'cpu ms/req':>10} {'sys':>4} | {'errors':>6}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        direct, keyaos = row["direct"], row["keyaos"]
+        lines.append(
+            f"{row['mode']:<6} {row['concurrency']:>4} | "
+            f"{_cell(direct['rps'], 10, 0)} {_cell(direct['latency_ms']['p50'], 6)} "
+            f"{_cell(direct['latency_ms']['p99'], 6)} | "
+            f"{_cell(keyaos['rps'], 10, 0)} {_cell(keyaos['latency_ms']['p50'], 7)} "
+            f"{_cell(keyaos['latency_ms']['p95'], 7)} {_cell(keyaos['latency_ms']['p99'], 7)} | "
+            f"{_cell(row['added_latency_ms']['p50'], 9)} {_cell(row['added_latency_ms']['p99'], 7)}"
+            f" | {_cell((row['added_ttft_ms'] or {}).get('p50'), 9)} | "
+            f"{_cell(row['cpu_ms_per_request'], 10)} {_percent(row['cpu_system_share'])} | "
+            f"{_cell(row['errors'], 6)}"
+        )
+    return "\n".join(lines)
+
+
+def report(result: dict) -> str:
+    lines = [
+        f"Keyaos bench, {result['database']}, {result['config']['transport']} upstream client, "
+        f"{result['machine']['cpu']} ({result['machine']['cores']} cores)",
+        f"placement: {result['placement']}",
+        f"start-up {result['startup_s']:.2f} s, peak memory (VmHWM) {result['peak_memory_mb']} MB, "
+        f"RSS at the end {result['rss_end_mb']} MB",
+    ]
+    if result.get("phases"):
+        lines += [
+            "",
+            table(result["phases"]),
+            "",
+            "latency in ms; ttft+ = added time to first token; sys = kernel share of the CPU time",
+        ]
+    for row in result.get("phases", []):
+        profile = row["keyaos"].get("profile")
+        if profile and profile.get("samples"):
+            lines += ["", f"profile, {row['mode']} at concurrency {row['concurrency']}:"]
+            lines += [f"  {pct:5.1f}%  {name}" for name, pct in profile["package_self_percent"]]
+            lines += ["  top functions (self):"]
+            lines += [f"  {pct:5.1f}%  {name}" for name, pct in profile["self_percent"]]
+    if result.get("soak"):
+        load, memory = result["soak"]["load"], result["soak"]["memory"]
+        lines += [
+            "",
+            f"soak: {load['duration_s']:.0f} s mixed load at concurrency {load['concurrency']}: "
+            f"{load['requests']} requests, {load['rps']} req/s, {load['errors']} errors, "
+            f"CPU {load.get('cpu_ms_per_request')} ms/request",
+            f"memory: first {memory['first_mb']} MB, last {memory['last_mb']} MB, "
+            f"max {memory['max_mb']} MB, slope {memory['slope_mb_per_min']} MB/min "
+            f"({'flat' if memory['flat'] else 'GROWING'})",
+        ]
+    ledger = result["ledger"]
+    lines += [
+        "",
+        f"ledger: {ledger.get('rows')} rows for {ledger.get('sent')} requests sent, "
+        f"{ledger.get('duplicate_rows')} duplicates, {ledger.get('answered_without_row')} answered "
+        f"requests without a row: {'OK' if ledger.get('ok') else 'MISMATCH'}",
+    ]
+    if result.get("targets"):
+        lines += ["", "targets:"]
+        for name, check in result["targets"].items():
+            verdict = {True: "met", False: "MISSED", None: "-"}[check["met"]]
+            lines.append(
+                f"  {name:<26} {_cell(check['value'], 8)}  <= {check['target']:<5} {verdict}"
+            )
+    lines += [f"note: {note}" for note in result["notes"]]
+    return "\n".join(lines)
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict:
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    this_machine = machine()
+    bench = prepare(args)
+    try:
+        _progress(f"bench: {bench.database}; {bench.placement.describe()}")
+        start_upstream(bench)
+        seed(bench)
+        startup_s = start_gateway(bench)
+        _progress(f"bench: gateway answered after {startup_s:.2f} s")
+        rows, soak_result = [], None
+        if args.soak:
+            soak_result = soak(bench)
+        else:
+            for mode in args.modes:
+                for concurrency in args.concurrency:
+                    _progress(f"bench: {mode} at concurrency {concurrency}")
+                    rows.append(phase(bench, mode, concurrency))
+        peak_mb = proc_status_mb(bench.gateway.pid, "VmHWM")
+        rss_mb = proc_status_mb(bench.gateway.pid, "VmRSS")
+        stop_gateway(bench)
+        result = {
+            "started_at": started_at,
+            "machine": this_machine,
+            "database": bench.database,
+            "placement": bench.placement.describe(),
+            "config": {
+                "modes": args.modes,
+                "concurrency": args.concurrency,
+                "duration_s": args.duration,
+                "warmup_s": args.warmup,
+                "ttft_ms": args.ttft_ms,
+                "gap_ms": args.gap_ms,
+                "chunks": args.chunks,
+                "transport": args.transport,
+                "soak_s": args.soak,
+                "redis": bool(bench.env.get("REDIS_URL")),
+                "gateway_command": " ".join(gateway_command(bench)[1:]),
+            },
+            "startup_s": round(startup_s, 3),
+            "peak_memory_mb": peak_mb,
+            "rss_end_mb": rss_mb,
+            "phases": rows,
+            "soak": soak_result,
+            "ledger": check_ledger(bench),
+            "targets": targets(rows, startup_s, peak_mb) if rows else None,
+            "notes": bench.notes,
+        }
+        if bench.gateway.returncode not in (0, -signal.SIGINT, 128 + signal.SIGINT):
+            bench.notes.append(f"the gateway exited with code {bench.gateway.returncode}")
+        return result
+    finally:
+        cleanup(bench)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 50])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per phase")
+    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds per phase")
+    parser.add_argument("--soak", type=float, default=0, help="soak for this many seconds instead")
+    parser.add_argument("--soak-concurrency", type=int, default=10)
+    parser.add_argument("--soak-sample-s", type=float, default=5.0)
+    parser.add_argument("--ttft-ms", type=float, default=0.0, help="fake upstream's first token")
+    parser.add_argument("--gap-ms", type=float, default=0.0, help="fake upstream's chunk gap")
+    parser.add_argument("--chunks", type=int, default=20, help="content chunks per stream")
+    parser.add_argument("--transport", choices=("httpx", "aiohttp"), default="httpx")
+    parser.add_argument("--profile", action="store_true", help="py-spy at the top concurrency")
+    parser.add_argument("--database-name", default="keyaos_bench", help="PostgreSQL only")
+    parser.add_argument("--output", type=Path, help="default: bench/results/latest.json")
+    parser.add_argument("--keep", action="store_true", help="keep the state folder and database")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    result = run(args)
+    output = args.output or RESULTS_DIR / ("soak.json" if args.soak else "latest.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(report(result))
+    print(f"\nwrote {output}")
+    return 0 if result["ledger"].get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

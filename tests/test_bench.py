@@ -1,0 +1,99 @@
+"""`make bench` end to end on a tiny configuration, and the pieces its figures rest on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.fake_upstream import stream_events
+from bench.run import gateway_command, memory_trend, parse_args, summarise_profile
+from keyaos.management.commands.serve import uvicorn_command
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_a_tiny_bench_runs_end_to_end_and_finds_one_ledger_row_per_request(tmp_path):
+    output = tmp_path / "bench.json"
+    env = {**os.environ}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    env.pop("KEYAOS_STATE_DIR", None)
+    database = f"keyaos_bench_test_{os.getpid()}"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            *("-m", "bench.run", "--concurrency", "2", "--duration", "0.5"),
+            *("--warmup", "0.1", "--output", str(output), "--database-name", database),
+        ],
+        cwd=BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    result = json.loads(output.read_text())
+
+    assert {"machine", "placement", "config", "startup_s", "peak_memory_mb", "phases"} <= set(
+        result
+    )
+    assert [(row["mode"], row["concurrency"]) for row in result["phases"]] == [
+        ("json", 2),
+        ("stream", 2),
+    ]
+    for row in result["phases"]:
+        assert row["errors"] == 0
+        assert row["keyaos"]["requests"] > 0 and row["direct"]["requests"] > 0
+        assert row["cpu_ms_per_request"] > 0
+        assert set(row["added_latency_ms"]) == {"p50", "p95", "p99"}
+        assert set(row["keyaos"]["latency_ms"]) == {"p50", "p95", "p99", "mean", "max"}
+    assert result["phases"][1]["added_ttft_ms"]["p50"] is not None
+    ledger = result["ledger"]
+    assert ledger["ok"] and ledger["rows"] == ledger["sent"] == ledger["answered_ids"]
+    assert ledger["outcomes"] == {"ok": ledger["rows"]}
+    assert "cpu_ms_per_request_json" in result["targets"]
+    assert "ledger:" in completed.stdout and "cpu ms/req" in completed.stdout
+
+
+def test_the_bench_starts_the_gateway_as_manage_py_serve_does():
+    args = parse_args([])
+    bench = type("B", (), {"args": args, "gateway_port": 8123})()
+
+    assert gateway_command(bench) == uvicorn_command(host="127.0.0.1", port=8123, workers=1)
+
+
+def test_the_fake_stream_is_a_role_chunk_content_chunks_a_finish_a_usage_chunk_and_done():
+    events = stream_events(chunks=20)
+    payloads = [json.loads(event.removeprefix(b"data: ")) for event in events[:-1]]
+
+    assert len(events) == 24 and events[-1] == b"data: [DONE]\n\n"
+    assert payloads[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(p["choices"][0]["delta"]["content"] == "word " for p in payloads[1:21])
+    assert payloads[21]["choices"][0]["finish_reason"] == "stop"
+    assert payloads[22]["choices"] == [] and payloads[22]["usage"]["completion_tokens"] == 20
+
+
+def test_memory_is_flat_when_rss_stops_growing_after_warm_up_and_growing_otherwise():
+    flat = memory_trend([[t * 5.0, 80.0 + (3 if t == 0 else 0)] for t in range(20)])
+    growing = memory_trend([[t * 5.0, 80.0 + t] for t in range(20)])
+
+    assert flat["flat"] and flat["max_mb"] == 83.0 and flat["last_mb"] == 80.0
+    assert not growing["flat"] and growing["slope_mb_per_min"] == pytest.approx(12.0)
+
+
+def test_a_profile_is_summarised_per_function_and_per_package():
+    raw = (
+        "handle (uvicorn/protocols/http/h11_impl.py:10);send (httpx/_client.py:5) 3\n"
+        "handle (uvicorn/protocols/http/h11_impl.py:10);feed (/work/main/routing/proxy.py:9) 1\n"
+    )
+    summary = summarise_profile(raw)
+
+    assert summary["samples"] == 4
+    assert summary["self_percent"][0] == ["send (httpx/_client.py)", 75.0]
+    assert ["handle (uvicorn/protocols/http/h11_impl.py)", 100.0] in summary["inclusive_percent"]
+    assert dict(summary["package_self_percent"]) == {"httpx": 75.0, "keyaos: routing": 25.0}
