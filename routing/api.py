@@ -27,7 +27,8 @@ api = NinjaAPI(
 
 
 async def _proxy(request: HttpRequest, endpoint: str) -> HttpResponse:
-    started = time.perf_counter()
+    # routing.asgi stamps the request when its first byte arrives; fall back for other servers.
+    started = getattr(request, "started", None) or time.perf_counter()
     gateway = await runtime.ready()
     try:
         client = authenticate(request, gateway.snapshot)

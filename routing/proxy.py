@@ -177,6 +177,8 @@ class Proxy:
             **provider.auth_headers(key.secret),
             "Content-Type": "application/json",
             "Accept": "text/event-stream" if self.request.stream else "application/json",
+            # Bytes are relayed as they come: a compressed answer would reach the client unread.
+            "Accept-Encoding": "identity",
             "X-Request-Id": self.request_id,
         }
         upstream = self.runtime.client.build_request(

@@ -11,6 +11,7 @@ import logging
 
 import httpx
 from django.conf import settings
+from httpx_aiohttp import AiohttpTransport
 
 from billing.recorder import LedgerWriter
 from keyaos.db import db_task
@@ -99,16 +100,20 @@ class Runtime:
 
 
 def new_upstream_client() -> httpx.AsyncClient:
-    """One pooled client per process: large pool, and timeouts that allow a slow first token."""
+    """One pooled client per process: large pool, and timeouts that allow a slow first token.
+
+    httpx's API on aiohttp's connection pool (``httpx-aiohttp``): httpcore's pool scans every
+    connection on each request, which `make bench` measured at 2-3x the CPU per request at
+    concurrency 50.
+    """
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=60)
     return httpx.AsyncClient(
+        transport=AiohttpTransport(limits=limits, trust_env=False),
         timeout=httpx.Timeout(
             connect=settings.KEYAOS_CONNECT_TIMEOUT_S,
             read=settings.KEYAOS_READ_TIMEOUT_S,
             write=30.0,
             pool=settings.KEYAOS_CONNECT_TIMEOUT_S,
-        ),
-        limits=httpx.Limits(
-            max_connections=1000, max_keepalive_connections=200, keepalive_expiry=60
         ),
         follow_redirects=False,
         trust_env=False,

@@ -534,7 +534,9 @@ class TestModelOfferAdmin:
 class TestBillingAdmin:
     def test_adding_a_client_key_shows_it_once(self, admin_client):
         response = admin_client.post(
-            reverse("admin:billing_apikey_add"), {"name": "ci", "enabled": "on", "budget_period": "lifetime"}, follow=True
+            reverse("admin:billing_apikey_add"),
+            {"name": "ci", "enabled": "on", "budget_period": "lifetime"},
+            follow=True,
         )
 
         [shown] = [m for m in messages_of(response) if "Copy it now" in m]

@@ -55,6 +55,7 @@ def test_the_openai_sdk_runs_a_chat_completion(setup, gateway, fake_upstream):
     assert float(raw.headers["x-keyaos-overhead-ms"]) >= 0
     sent = fake_upstream.received("/openrouter/api/v1/chat/completions")[0]
     assert sent.bearer == "sk-or-v1-" + "a" * 40
+    assert sent.headers["accept-encoding"] == "identity"
     assert sent.json()["model"] == "openai/gpt-4o-mini"
     gateway.flush_ledger()
     entry = LedgerEntry.objects.get()
