@@ -2,7 +2,7 @@
 # Variables: PYTHON (interpreter for the virtualenv), HOST, PORT, WEB_CONCURRENCY (read by
 # `manage.py serve`), PYTEST_ARGS (extra pytest arguments), e.g. `make test PYTEST_ARGS="-k admin"`.
 # `make bench` takes CONCURRENCY, DURATION, WARMUP, SOAK, SOAK_CONCURRENCY, TTFT_MS, GAP_MS,
-# CHUNKS, PROFILE=1, TRANSPORT=aiohttp and BENCH_ARGS (see bench/README.md), e.g.
+# CHUNKS, PROFILE=1 and BENCH_ARGS (see bench/README.md), e.g.
 # `make bench CONCURRENCY="1 10 50" DURATION=10` or `make bench SOAK=300`.
 
 SHELL := /bin/bash
@@ -58,9 +58,8 @@ lint: install
 migrate: install
 	$(MANAGE) migrate --noinput
 
-# Tools for bench experiments only, not needed to run Keyaos (so not in requirements.txt).
+# A profiler for `make bench PROFILE=1` only, not needed to run Keyaos (so not in requirements.txt).
 PY_SPY := py-spy==0.4.3
-HTTPX_AIOHTTP := httpx-aiohttp==0.2.0
 
 BENCH_OPTIONS = $(if $(CONCURRENCY),--concurrency $(CONCURRENCY)) \
 	$(if $(DURATION),--duration $(DURATION)) $(if $(WARMUP),--warmup $(WARMUP)) \
@@ -68,13 +67,11 @@ BENCH_OPTIONS = $(if $(CONCURRENCY),--concurrency $(CONCURRENCY)) \
 	$(if $(SOAK_CONCURRENCY),--soak-concurrency $(SOAK_CONCURRENCY)) \
 	$(if $(TTFT_MS),--ttft-ms $(TTFT_MS)) $(if $(GAP_MS),--gap-ms $(GAP_MS)) \
 	$(if $(CHUNKS),--chunks $(CHUNKS)) $(if $(filter-out 0,$(PROFILE)),--profile) \
-	$(if $(TRANSPORT),--transport $(TRANSPORT)) $(BENCH_ARGS)
+	$(BENCH_ARGS)
 
 bench: install
 	$(if $(filter-out 0,$(PROFILE)),$(BIN)/python -m pip install \
 		--disable-pip-version-check --quiet $(PY_SPY))
-	$(if $(filter aiohttp,$(TRANSPORT)),$(BIN)/python -m pip install \
-		--disable-pip-version-check --quiet $(HTTPX_AIOHTTP))
 	$(BIN)/python -m bench.run $(strip $(BENCH_OPTIONS))
 
 clean:

@@ -232,8 +232,6 @@ def uvicorn_command(*, port: int, app: str = "keyaos.asgi:application") -> list[
 
 
 def gateway_command(bench: Bench) -> list[str]:
-    if bench.args.transport == "aiohttp":
-        return uvicorn_command(port=bench.gateway_port, app="bench.aiohttp_gateway:application")
     return uvicorn_command(port=bench.gateway_port)
 
 
@@ -675,7 +673,7 @@ def table(rows: list[dict]) -> str:
 
 def report(result: dict) -> str:
     lines = [
-        f"Keyaos bench, {result['database']}, {result['config']['transport']} upstream client, "
+        f"Keyaos bench, {result['database']}, "
         f"{result['machine']['cpu']} ({result['machine']['cores']} cores)",
         f"placement: {result['placement']}",
         f"start-up {result['startup_s']:.2f} s, peak memory (VmHWM) {result['peak_memory_mb']} MB, "
@@ -765,7 +763,6 @@ def run(args: argparse.Namespace) -> dict:
                 "ttft_ms": args.ttft_ms,
                 "gap_ms": args.gap_ms,
                 "chunks": args.chunks,
-                "transport": args.transport,
                 "soak_s": args.soak,
                 "redis": bool(bench.env.get("REDIS_URL")),
                 "gateway_command": " ".join(gateway_command(bench)[1:]),
@@ -798,7 +795,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ttft-ms", type=float, default=0.0, help="fake upstream's first token")
     parser.add_argument("--gap-ms", type=float, default=0.0, help="fake upstream's chunk gap")
     parser.add_argument("--chunks", type=int, default=20, help="content chunks per stream")
-    parser.add_argument("--transport", choices=("httpx", "aiohttp"), default="httpx")
     parser.add_argument("--profile", action="store_true", help="py-spy at the top concurrency")
     parser.add_argument("--database-name", default="keyaos_bench", help="PostgreSQL only")
     parser.add_argument("--output", type=Path, help="default: bench/results/latest.json")

@@ -30,7 +30,7 @@ from providers.signals import bump_snapshot_version
 logger = logging.getLogger("keyaos.ledger")
 
 BATCH_SIZE = 500
-BATCH_WINDOW_S = 0.01
+BATCH_WINDOW_S = 0.05
 MAX_BACKOFF_S = 10.0
 
 
