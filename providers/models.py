@@ -19,7 +19,25 @@ currency_validator = RegexValidator(
 )
 
 
-class Provider(models.Model):
+class UpstreamEndpoint:
+    """How to address a provider: shared by the model and the gateway's snapshot of it."""
+
+    base_url: str
+    auth_style: str
+
+    def url(self, path: str) -> str:
+        return self.base_url.rstrip("/") + "/" + path.lstrip("/")
+
+    def auth_headers(self, secret: str) -> dict[str, str]:
+        if self.auth_style == API_KEY_HEADER:
+            return {"x-api-key": secret}
+        return {"Authorization": f"Bearer {secret}"}
+
+
+API_KEY_HEADER = "x-api-key"
+
+
+class Provider(UpstreamEndpoint, models.Model):
     class CatalogFormat(models.TextChoices):
         OPENROUTER = "openrouter", "OpenRouter (per-token price strings)"
         DEEPINFRA = "deepinfra", "DeepInfra (metadata.pricing per 1M)"
@@ -38,7 +56,7 @@ class Provider(models.Model):
 
     class AuthStyle(models.TextChoices):
         BEARER = "bearer", "Authorization: Bearer"
-        API_KEY = "x-api-key", "x-api-key header"
+        API_KEY = API_KEY_HEADER, "x-api-key header"
 
     slug = models.SlugField(max_length=50, unique=True)
     name = models.CharField(max_length=100)
@@ -74,14 +92,6 @@ class Provider(models.Model):
 
     def __str__(self) -> str:
         return self.name or self.slug
-
-    def url(self, path: str) -> str:
-        return self.base_url.rstrip("/") + "/" + path.lstrip("/")
-
-    def auth_headers(self, secret: str) -> dict[str, str]:
-        if self.auth_style == self.AuthStyle.API_KEY:
-            return {"x-api-key": secret}
-        return {"Authorization": f"Bearer {secret}"}
 
     def canonical_id(self, upstream_model_id: str, aliases: dict[str, str] | None = None) -> str:
         """The OpenRouter-style ``vendor/model`` id that a native id serves."""

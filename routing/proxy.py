@@ -49,6 +49,7 @@ _TEXT_FIELD = re.compile(
     rb'"(?:content|text|reasoning|reasoning_content)"\s*:\s*"((?:[^"\\]|\\.)*)"'
 )
 _ERROR_EVENT = re.compile(rb'^data:\s*\{\s*"error"')
+_DONE_EVENT = re.compile(rb"^data:\s*\[DONE\]")
 _FAILURE_STATUS = {  # what the client sees when every candidate failed this way
     Failure.RATE_LIMITED: 429,
     Failure.EXHAUSTED: 402,
@@ -330,7 +331,8 @@ class Proxy:
                 outcome = Outcome.STREAM_FAILED
                 self.record.error = redact(reader.error, candidate.key.secret)
         except (asyncio.CancelledError, GeneratorExit):
-            outcome = Outcome.DISCONNECTED
+            # A client that hangs up right after [DONE] got the whole answer.
+            outcome = Outcome.OK if reader.done else Outcome.DISCONNECTED
             raise
         except httpx.HTTPError as error:
             outcome = Outcome.STREAM_FAILED
@@ -446,6 +448,7 @@ class StreamReader:
         self.usage: Usage | None = None
         self.text_chars = 0
         self.error = ""
+        self.done = False
 
     def feed(self, chunk: bytes) -> bytes:
         self.buffer += chunk
@@ -466,6 +469,9 @@ class StreamReader:
         return tail if self._keep(tail) else b""
 
     def _keep(self, event: bytes) -> bool:
+        if _DONE_EVENT.match(event):
+            self.done = True
+            return True
         for match in _TEXT_FIELD.finditer(event):
             self.text_chars += len(match.group(1))
         if _ERROR_EVENT.match(event):

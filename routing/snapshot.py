@@ -17,12 +17,12 @@ from billing.currency import load_rates
 from billing.limits import KeyLimits
 from billing.models import ApiKey
 from providers.crypto import SecretDecryptionError
-from providers.models import ModelOffer, Provider, UpstreamKey
+from providers.models import ModelOffer, Provider, UpstreamEndpoint, UpstreamKey
 from routing.models import SnapshotVersion
 
 
 @dataclass(frozen=True)
-class ProviderInfo:
+class ProviderInfo(UpstreamEndpoint):
     id: int
     slug: str
     name: str
@@ -30,14 +30,6 @@ class ProviderInfo:
     currency: str
     auth_style: str
     read_timeout_s: float
-
-    def url(self, path: str) -> str:
-        return self.base_url.rstrip("/") + "/" + path.lstrip("/")
-
-    def auth_headers(self, secret: str) -> dict[str, str]:
-        if self.auth_style == Provider.AuthStyle.API_KEY:
-            return {"x-api-key": secret}
-        return {"Authorization": f"Bearer {secret}"}
 
 
 @dataclass(frozen=True)

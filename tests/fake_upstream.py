@@ -53,6 +53,7 @@ class Stream:
     gap_s: float = 0.0
     first_delay_s: float = 0.0
     fail_after: int | None = None
+    hold_s: float = 0.0  # keep the response open this long after the last event
     status: int = 200
     content_type: str = "text/event-stream"
     closed: threading.Event = field(default_factory=threading.Event)
@@ -164,6 +165,8 @@ async def _send_stream(send, receive, stream: Stream) -> None:
                 return
             await send({"type": "http.response.body", "body": event, "more_body": True})
             stream.sent += 1
+        if stream.hold_s:
+            await asyncio.wait([disconnected], timeout=stream.hold_s)
         await send({"type": "http.response.body", "body": b""})
     finally:
         disconnected.cancel()

@@ -142,3 +142,20 @@ def test_an_html_answer_to_a_stream_fails_over(setup, gateway, fake_upstream):
     )
     assert raw.headers["x-keyaos-provider"] == "backup"
     assert raw.headers["x-keyaos-attempts"] == "2"
+
+
+def test_a_client_that_hangs_up_after_done_got_the_whole_answer(setup, gateway, fake_upstream):
+    _, client_key = setup
+    usage = {"prompt_tokens": 3, "completion_tokens": 2}
+    fake_upstream.stream(PATH, chat_chunks(MODEL, ["a", "b"], usage), hold_s=5)
+    with stream_request(gateway, client_key) as response:
+        for chunk in response.iter_raw():
+            if b"[DONE]" in chunk:
+                break
+    deadline = time.monotonic() + 5
+    while not LedgerEntry.objects.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+        gateway.flush_ledger()
+    entry = LedgerEntry.objects.get()
+    assert entry.outcome == "ok"
+    assert (entry.prompt_tokens, entry.completion_tokens) == (3, 2)

@@ -66,3 +66,46 @@ def test_transient_failures_cool_a_key_longer_each_time_up_to_the_cap(settings):
         asyncio.run(board.record_failure(key(7), Failure.TRANSIENT, "500"))
         waits.append(round(board.cooldowns[7] - before))
     assert waits == [5, 10, 12]
+
+
+@pytest.mark.skipif(not redis_is_up(), reason="Redis is not running on 127.0.0.1:6379")
+def test_budget_and_rate_counters_live_in_redis_for_every_process(settings):
+    from decimal import Decimal
+
+    from django.core.cache import cache
+
+    from billing.limits import KeyLimits, LimitExceeded, admit, settle
+
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": "redis://127.0.0.1:6379/0",
+            "KEY_PREFIX": f"keyaos-test-{time.monotonic_ns()}",
+        }
+    }
+    limits = KeyLimits(key_id=42, budget_usd=Decimal("0.01"), rpm_limit=5)
+
+    async def load_spent(*_args):
+        return Decimal("0")
+
+    async def burst():
+        first = await admit(
+            limits, estimated_cost_usd=Decimal("0.006"), estimated_tokens=10, load_spent=load_spent
+        )
+        await settle(first, cost_usd=Decimal("0.006"), tokens=10)
+        second = await admit(
+            limits, estimated_cost_usd=Decimal("0.006"), estimated_tokens=10, load_spent=load_spent
+        )
+        with pytest.raises(LimitExceeded) as refused:
+            await admit(
+                limits, estimated_cost_usd=Decimal("0.001"), estimated_tokens=10, load_spent=load_spent
+            )
+        return second, refused.value
+
+    second, refusal = asyncio.run(burst())
+    assert refusal.code == "budget_exceeded"
+    budget_keys = [k for k in cache._cache.get_client().keys("*limits:budget:42*")]
+    assert len(budget_keys) == 1
+    assert int(cache._cache.get_client().get(budget_keys[0])) == 12_000_000  # nano-dollars
+    asyncio.run(settle(second, cost_usd=Decimal("0.002"), tokens=10))
+    assert int(cache._cache.get_client().get(budget_keys[0])) == 8_000_000

@@ -21,14 +21,14 @@ from keyaos.dashboard.figures import Dashboard, build_dashboard, low_balance_usd
 
 
 def format_usd(value: Decimal | int) -> str:
-    """$1,234.57 for dollars; four significant digits below a cent ($0.001234)."""
+    """$1,234.57 for dollars; up to four significant digits below a cent ($0.00181)."""
     value = Decimal(value)
     sign = "-" if value < 0 else ""
     value = abs(value)
     if value >= Decimal("0.01") or value == 0:
         return f"{sign}${value.quantize(Decimal('0.01'), ROUND_HALF_UP):,}"
     places = min(-value.adjusted() + 3, 10)
-    return f"{sign}${value.quantize(Decimal(1).scaleb(-places), ROUND_HALF_UP):f}"
+    return f"{sign}${value.quantize(Decimal(1).scaleb(-places), ROUND_HALF_UP).normalize():f}"
 
 
 def format_amount(value: Decimal, currency: str) -> str:
