@@ -76,11 +76,12 @@ def test_budget_and_rate_counters_live_in_redis_for_every_process(settings):
 
     from billing.limits import KeyLimits, LimitExceeded, admit, settle
 
+    prefix = f"keyaos-test-{time.monotonic_ns()}"
     settings.CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": "redis://127.0.0.1:6379/0",
-            "KEY_PREFIX": f"keyaos-test-{time.monotonic_ns()}",
+            "KEY_PREFIX": prefix,
         }
     }
     limits = KeyLimits(key_id=42, budget_usd=Decimal("0.01"), rpm_limit=5)
@@ -98,14 +99,19 @@ def test_budget_and_rate_counters_live_in_redis_for_every_process(settings):
         )
         with pytest.raises(LimitExceeded) as refused:
             await admit(
-                limits, estimated_cost_usd=Decimal("0.001"), estimated_tokens=10, load_spent=load_spent
+                limits,
+                estimated_cost_usd=Decimal("0.001"),
+                estimated_tokens=10,
+                load_spent=load_spent,
             )
         return second, refused.value
 
     second, refusal = asyncio.run(burst())
     assert refusal.code == "budget_exceeded"
-    budget_keys = [k for k in cache._cache.get_client().keys("*limits:budget:42*")]
+    redis = cache._cache.get_client()
+    budget_keys = redis.keys(f"{prefix}:*limits:budget:42*")
     assert len(budget_keys) == 1
-    assert int(cache._cache.get_client().get(budget_keys[0])) == 12_000_000  # nano-dollars
+    assert int(redis.get(budget_keys[0])) == 12_000_000  # nano-dollars
     asyncio.run(settle(second, cost_usd=Decimal("0.002"), tokens=10))
-    assert int(cache._cache.get_client().get(budget_keys[0])) == 8_000_000
+    assert int(redis.get(budget_keys[0])) == 8_000_000
+    redis.delete(*redis.keys(f"{prefix}:*"))
