@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
-from django.db import connection, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import Case, DateTimeField, DecimalField, F, Value, When
 from django.utils import timezone
 
 from billing.costs import Cost, Prices, request_cost
 from billing.models import ApiKey, Attempt, LedgerEntry, budget_period_start
 from billing.usage import Usage
-from providers.models import MONEY_DIGITS, UpstreamKey
+from providers.models import MONEY_DIGITS, Provider, UpstreamKey
 from providers.signals import bump_snapshot_version
 
 logger = logging.getLogger("keyaos.ledger")
@@ -36,8 +36,8 @@ MAX_BACKOFF_S = 10.0
 
 @dataclass
 class AttemptRecord:
-    provider_id: int
-    upstream_key_id: int
+    provider_id: int | None
+    upstream_key_id: int | None
     upstream_model: str
     status_code: int | None
     failure: str
@@ -194,10 +194,34 @@ def _ledger_entry(record: RequestRecord, cost: Cost | None) -> LedgerEntry:
 
 def _write_keeping_connection(batch: list[RequestRecord]) -> None:
     try:
-        write_records(batch)
+        try:
+            write_records(batch)
+        except IntegrityError:
+            # A client key, provider or upstream key deleted while its requests were in
+            # flight: keep the rows, without the references that no longer exist.
+            _forget_deleted_references(batch)
+            write_records(batch)
     except Exception:
         _close_connection()  # the retry opens a fresh one
         raise
+
+
+def _forget_deleted_references(records: list[RequestRecord]) -> None:
+    def existing(model, ids: set[int | None]) -> set[int]:
+        return set(model.objects.filter(pk__in=ids - {None}).values_list("pk", flat=True))
+
+    attempts = [attempt for record in records for attempt in record.attempts]
+    api_keys = existing(ApiKey, {r.api_key_id for r in records})
+    providers = existing(Provider, {r.provider_id for r in [*records, *attempts]})
+    upstream_keys = existing(UpstreamKey, {r.upstream_key_id for r in [*records, *attempts]})
+    for record in records:
+        if record.api_key_id not in api_keys:
+            record.api_key_id = None
+    for item in [*records, *attempts]:
+        if item.provider_id not in providers:
+            item.provider_id = None
+        if item.upstream_key_id not in upstream_keys:
+            item.upstream_key_id = None
 
 
 def _close_connection() -> None:
@@ -257,7 +281,15 @@ class LedgerWriter:
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                logger.exception("ledger: writing %d records failed; retrying", len(batch))
+            except (OperationalError, InterfaceError):
+                logger.exception("ledger: the database is unavailable; retrying %d", len(batch))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
+            except Exception:
+                # One record the database refuses must not hold back every later one.
+                if len(batch) == 1:
+                    logger.exception("ledger: cannot write %r; dropped", batch[0])
+                    return
+                for record in batch:
+                    await self._write_with_retries([record])
+                return

@@ -343,10 +343,11 @@ class Proxy:
             )
             yield _sse_error(message, self.request_id)
         finally:
-            await asyncio.shield(response.aclose())
+            # Record first: closing the upstream may wait, and the record must not.
             self.record.outcome = outcome
             self.record.usage = reader.usage or self._estimated_usage(reader.text_chars)
             self._finish()
+            await asyncio.shield(response.aclose())
 
     def _estimated_usage(self, completion_chars: int) -> Usage:
         return estimate_usage(
