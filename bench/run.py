@@ -39,6 +39,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from keyaos.management.commands.serve import uvicorn_command
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 RESULTS_DIR = BASE_DIR / "bench" / "results"
 MODEL = "bench-model"
@@ -221,18 +223,9 @@ def start_upstream(bench: Bench) -> None:
         raise SystemExit("the fake upstream did not start")
 
 
-def uvicorn_command(*, port: int, app: str = "keyaos.asgi:application") -> list[str]:
-    """What ``manage.py serve`` runs (tests/test_bench.py keeps the two the same), one worker."""
-    return [
-        sys.executable,
-        *("-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)),
-        *("--workers", "1", "--proxy-headers", "--timeout-graceful-shutdown", "10"),
-        *("--lifespan", "on", "--no-server-header"),
-    ]
-
-
 def gateway_command(bench: Bench) -> list[str]:
-    return uvicorn_command(port=bench.gateway_port)
+    """Exactly what ``manage.py serve`` runs, with one worker."""
+    return uvicorn_command(host="127.0.0.1", port=bench.gateway_port, workers=1)
 
 
 def start_gateway(bench: Bench) -> float:

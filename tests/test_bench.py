@@ -12,7 +12,6 @@ import pytest
 
 from bench.fake_upstream import stream_events
 from bench.run import gateway_command, memory_trend, parse_args, summarise_profile
-from keyaos.management.commands.serve import uvicorn_command
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -60,11 +59,15 @@ def test_a_tiny_bench_runs_end_to_end_and_finds_one_ledger_row_per_request(tmp_p
     assert "ledger:" in completed.stdout and "cpu ms/req" in completed.stdout
 
 
-def test_the_bench_starts_the_gateway_as_manage_py_serve_does():
+def test_the_bench_starts_the_gateway_as_production_does_with_one_worker():
     args = parse_args([])
     bench = type("B", (), {"args": args, "gateway_port": 8123})()
 
-    assert gateway_command(bench) == uvicorn_command(host="127.0.0.1", port=8123, workers=1)
+    command = gateway_command(bench)
+    assert command[1:4] == ["-m", "uvicorn", "keyaos.asgi:application"]
+    assert command[command.index("--workers") + 1] == "1"
+    assert command[command.index("--lifespan") + 1] == "on"
+    assert "--proxy-headers" in command
 
 
 def test_the_fake_stream_is_a_role_chunk_content_chunks_a_finish_a_usage_chunk_and_done():

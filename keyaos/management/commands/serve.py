@@ -18,8 +18,6 @@ import time
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from providers.tasks import ensure_refresh_schedule
-
 GRACEFUL_SHUTDOWN_S = 10
 STOP_TIMEOUT_S = GRACEFUL_SHUTDOWN_S + 5
 POLL_S = 0.2
@@ -156,6 +154,8 @@ class Command(BaseCommand):
 
         commands = {"uvicorn": uvicorn_command(host=host, port=port, workers=workers)}
         if not options["no_qcluster"]:
+            from providers.tasks import ensure_refresh_schedule  # models: after django.setup()
+
             commands["qcluster"] = qcluster_command()
             ensure_refresh_schedule()
         supervisor = Supervisor(commands)
