@@ -212,7 +212,7 @@ def spend_summary(totals: Totals, owner_field: str, owner_id: int) -> str:
     url = reverse("admin:billing_ledgerentry_changelist")
     return format_html(
         '{} requests, {} tokens, {} (list price {}) <a href="{}?{}__id__exact={}&amp;'
-        'created_at__gte={}">ledger rows</a>',
+        'created_at__date__gte={}">ledger rows</a>',
         totals.requests,
         totals.tokens,
         usd(totals.cost_usd),
