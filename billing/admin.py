@@ -25,6 +25,7 @@ from billing.models import (
     LedgerEntry,
 )
 from billing.selectors import Totals, ledger_totals, recent_spend
+from keyaos.admin_format import relative_time
 
 
 class CurrencyRateForm(forms.ModelForm):
@@ -97,7 +98,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "lifetime_spend",
         "rate_limits",
         "expires_at",
-        "last_used_at",
+        "last_used",
     )
     list_filter = ("enabled", "budget_period")
     search_fields = ("name", "prefix")
@@ -109,6 +110,10 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "spend_last_30_days",
     )
     actions = ["enable_keys", "disable_keys"]
+
+    @admin.display(description="last used", ordering="last_used_at")
+    def last_used(self, api_key: ApiKey) -> str:
+        return relative_time(api_key.last_used_at)
 
     def get_fields(self, request: HttpRequest, obj=None):
         if obj is None:

@@ -15,11 +15,13 @@ from django.db.models import Count, Q
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.text import Truncator
 from django.views.decorators.http import require_POST
 
 from billing.currency import UnknownCurrency, load_rates, to_usd, usd_per_unit
+from keyaos.admin_format import relative_time
 from providers import services
 from providers.crypto import SecretDecryptionError
 from providers.models import (
@@ -333,8 +335,9 @@ class UpstreamKeyAdmin(admin.ModelAdmin):
         "balance_source",
         "multiplier",
         "health_status",
-        "cooldown_until",
+        "cooling_until",
         "short_last_error",
+        "last_error_when",
         "last_error_at",
     )
     list_display_links = ("__str__",)
@@ -393,6 +396,16 @@ class UpstreamKeyAdmin(admin.ModelAdmin):
     @admin.display(description="last error")
     def short_last_error(self, key: UpstreamKey) -> str:
         return Truncator(key.last_error).chars(60)
+
+    @admin.display(description="error seen", ordering="last_error_at")
+    def last_error_when(self, key: UpstreamKey) -> str:
+        return relative_time(key.last_error_at)
+
+    @admin.display(description="cooling until", ordering="cooldown_until")
+    def cooling_until(self, key: UpstreamKey) -> str:
+        if key.cooldown_until is None or key.cooldown_until <= timezone.now():
+            return "-"
+        return relative_time(key.cooldown_until)
 
     def get_form(self, request: HttpRequest, obj=None, change=False, **kwargs):
         if obj is None:
@@ -763,12 +776,16 @@ class RefreshResultInline(admin.TabularInline):
 
 @admin.register(RefreshRun)
 class RefreshRunAdmin(admin.ModelAdmin):
-    list_display = ("started_at", "trigger", "duration_ms", "error_count", "is_ok")
+    list_display = ("started", "trigger", "duration_ms", "error_count", "is_ok")
     list_filter = ("trigger",)
     date_hierarchy = "started_at"
     fields = ("started_at", "trigger", "duration_ms", "error_count")
     readonly_fields = fields
     inlines = [RefreshResultInline]
+
+    @admin.display(description="started", ordering="started_at")
+    def started(self, run: RefreshRun) -> str:
+        return relative_time(run.started_at)
 
     @admin.display(description="ok", boolean=True)
     def is_ok(self, run: RefreshRun) -> bool:
