@@ -22,6 +22,8 @@ from routing.snapshot import Snapshot, build_snapshot
 
 logger = logging.getLogger("keyaos.gateway")
 
+KEEPALIVE_S = 4.0
+
 
 class Runtime:
     def __init__(self) -> None:
@@ -110,7 +112,11 @@ def new_upstream_client() -> httpx.AsyncClient:
     connection on each request, which `make bench` measured at 2-3x the CPU per request at
     concurrency 50.
     """
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=60)
+    # aiohttp never resends a POST on a kept-alive connection the server has just closed, so
+    # idle connections are dropped before common server idle timeouts (uvicorn: 5 s) end them.
+    limits = httpx.Limits(
+        max_connections=1000, max_keepalive_connections=200, keepalive_expiry=KEEPALIVE_S
+    )
     return httpx.AsyncClient(
         transport=AiohttpTransport(limits=limits, trust_env=False),
         timeout=httpx.Timeout(
