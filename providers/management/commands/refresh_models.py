@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from django.core.management.base import BaseCommand, CommandError
 
 from providers.models import RefreshResult, RefreshRun
@@ -17,6 +19,17 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, provider: str | None = None, **options) -> None:
+        # This command prints each provider's line itself; below -v 2 the log would repeat it.
+        logger = logging.getLogger("providers.refresh")
+        level = logger.level
+        if options["verbosity"] < 2:
+            logger.setLevel(logging.ERROR)
+        try:
+            self.refresh(provider)
+        finally:
+            logger.setLevel(level)
+
+    def refresh(self, provider: str | None) -> None:
         try:
             run = refresh_providers(
                 trigger=RefreshRun.Trigger.COMMAND, provider_slug=provider, progress=self.report
