@@ -99,10 +99,12 @@ def write_records(records: list[RequestRecord]) -> None:
             )
     with transaction.atomic():
         created = LedgerEntry.objects.bulk_create(entries)
+        # The attempt that answered is the ledger row itself; only failed ones get rows.
         Attempt.objects.bulk_create(
             Attempt(entry_id=entry.pk, number=number, **vars(attempt))
             for entry, record in zip(created, records, strict=True)
             for number, attempt in enumerate(record.attempts, start=1)
+            if attempt.failure
         )
         _debit_balances(debits)
         _add_client_spend(spends)
