@@ -14,8 +14,8 @@ from providers.models import ModelOffer, Provider, RefreshResult, RefreshRun, Up
 
 pytestmark = pytest.mark.django_db
 
-SECRET_A = "sk-or-v1-aaaaaaaaaaaaaaaaaaaaaaaaaaaa1111"
-SECRET_B = "sk-or-v1-bbbbbbbbbbbbbbbbbbbbbbbbbbbb2222"
+SECRET_A = "sk-or-v1-fake-aaaaaaaaaaaaaaaaaaaaaaa1111"
+SECRET_B = "sk-or-v1-fake-bbbbbbbbbbbbbbbbbbbbbbb2222"
 ADMIN_MODELS = [
     "providers_provider",
     "providers_upstreamkey",

@@ -10,7 +10,7 @@ from providers.models import ModelOffer, PriceHistory, Provider, UpstreamKey
 
 pytestmark = pytest.mark.django_db
 
-SECRET = "sk-or-v1-0123456789abcdef0123456789abcdef"
+SECRET = "sk-or-v1-fake-0123456789abcdef0123456789"
 
 
 def run(*args, stdin: str | None = None, **options) -> tuple[str, str]:

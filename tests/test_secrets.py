@@ -15,7 +15,7 @@ from providers.models import Provider, UpstreamKey
 
 pytestmark = pytest.mark.django_db
 
-SECRET = "sk-or-v1-secretvalue0123456789abcdefXYZ9"
+SECRET = "sk-or-v1-fake-secretvalue0123456789XYZ9"
 
 
 @pytest.fixture
