@@ -13,6 +13,7 @@ from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Q
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
@@ -38,12 +39,6 @@ from providers.presets import PRESETS
 from providers.signals import bump_snapshot_version
 
 PRICE_FIELDS = ("input_price_per_mtok", "output_price_per_mtok", "cached_input_price_per_mtok")
-HEALTH_COLOURS = {
-    UpstreamKey.Health.OK: "#2e7d32",
-    UpstreamKey.Health.COOLING: "#ef6c00",
-    UpstreamKey.Health.EXHAUSTED: "#8d6e63",
-    UpstreamKey.Health.INVALID: "#c62828",
-}
 
 
 def plain_amount(value: Decimal | None, min_places: int = 2) -> str:
@@ -291,11 +286,7 @@ class UpstreamKeyChangeForm(forms.ModelForm):
 
 
 def health_badge(key: UpstreamKey) -> str:
-    return format_html(
-        '<span style="color:#fff;background:{};padding:1px 6px;border-radius:8px">{}</span>',
-        HEALTH_COLOURS.get(key.health, "#616161"),
-        key.get_health_display(),
-    )
+    return render_to_string("admin/keyaos/health_badge.html", {"key": key})
 
 
 class BalanceReadingInline(admin.TabularInline):
@@ -321,6 +312,9 @@ class BalanceReadingInline(admin.TabularInline):
 
 @admin.register(UpstreamKey)
 class UpstreamKeyAdmin(admin.ModelAdmin):
+    class Media:
+        css = {"all": ["keyaos/dashboard.css"]}  # the health badges
+
     add_form = UpstreamKeyAddForm
     form = UpstreamKeyChangeForm
     inlines = [BalanceReadingInline]

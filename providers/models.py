@@ -159,6 +159,21 @@ class UpstreamKey(models.Model):
         """What responses and logs call this key: its label, or its id; never the secret."""
         return self.label or f"key-{self.pk}"
 
+    @property
+    def current_health(self) -> str:
+        """Health as an operator sees it now: a key whose cooldown is running is cooling down."""
+        if (
+            self.health == self.Health.OK
+            and self.cooldown_until
+            and self.cooldown_until > timezone.now()
+        ):
+            return self.Health.COOLING
+        return self.health
+
+    @property
+    def current_health_label(self) -> str:
+        return self.Health(self.current_health).label
+
     def set_secret(self, plain: str) -> None:
         plain = plain.strip()
         if not plain:

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
+from django.utils import timezone
 
 from billing.models import ApiKey, CurrencyRate, hash_api_key
 from providers import services
@@ -380,10 +382,15 @@ class TestUpstreamKeyAdmin:
         key = services.add_upstream_key(provider=openrouter, secret=SECRET_A)
         key.health = UpstreamKey.Health.INVALID
         key.save()
+        cooling = services.add_upstream_key(provider=openrouter, secret=SECRET_B)
+        cooling.cooldown_until = timezone.now() + timedelta(minutes=1)
+        cooling.save()
 
-        response = admin_client.get(reverse("admin:providers_upstreamkey_changelist"))
+        page = admin_client.get(reverse("admin:providers_upstreamkey_changelist")).content.decode()
 
-        assert "#c62828" in response.content.decode()
+        assert 'class="kd-badge kd-health-invalid">Invalid<' in page
+        assert 'class="kd-badge kd-health-cooling">Cooling down<' in page
+        assert "keyaos/dashboard" in page  # the stylesheet that colours the badges
 
 
 class TestModelOfferAdmin:

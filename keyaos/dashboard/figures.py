@@ -287,7 +287,6 @@ def key_statuses(now: datetime, today: date, rates: dict[str, Decimal]) -> list[
             )
         except UnknownCurrency:
             balance_usd = None
-        key.cooling_now = bool(key.cooldown_until and key.cooldown_until > now)
         status = KeyStatus(key, balance_usd, burn[key.pk] / BURN_DAYS)
         status.reasons = attention_reasons(status, now)
         statuses.append(status)

@@ -31,8 +31,6 @@ def serving_keys(offers: list[ModelOffer]) -> list[KeyRow]:
     provider_ids = {offer.provider_id for offer in offers if offer.active}
     keys = list(UpstreamKey.objects.filter(provider_id__in=provider_ids).select_related("provider"))
     now = timezone.now()
-    for key in keys:
-        key.cooling_now = bool(key.cooldown_until and key.cooldown_until > now)
     return [
         KeyRow(
             key=key,
