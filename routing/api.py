@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.http.request import RawPostDataException
 from ninja import NinjaAPI
 
 from billing.limits import LimitExceeded
@@ -13,7 +12,7 @@ from billing.models import LedgerEntry
 from routing.auth import access_denial, authenticate, limit_error
 from routing.catalog import list_models, model_entry
 from routing.proxy import Proxy, error_response, refuse
-from routing.requests import GatewayError, body_too_large, parse_client_request
+from routing.requests import GatewayError, parse_client_request
 from routing.runtime import runtime
 from routing.snapshot import ClientKey, Snapshot
 
@@ -36,7 +35,8 @@ async def _proxy(request: HttpRequest, endpoint: str) -> HttpResponse:
         return error_response(error)
     denial = access_denial(request, client)
     try:
-        client_request = parse_client_request(endpoint, _body(request))
+        # routing.asgi read the body already, refusing one over KEYAOS_MAX_BODY_BYTES.
+        client_request = parse_client_request(endpoint, request.body)
     except GatewayError as error:
         if denial is None:
             return error_response(error)
@@ -45,18 +45,6 @@ async def _proxy(request: HttpRequest, endpoint: str) -> HttpResponse:
     if denial is not None:
         return proxy.fail(denial, LedgerEntry.Outcome.CLIENT_ERROR)
     return await proxy.respond()
-
-
-def _body(request: HttpRequest) -> bytes:
-    from django.conf import settings
-
-    declared = request.headers.get("Content-Length", "")
-    if declared.isdigit() and int(declared) > settings.KEYAOS_MAX_BODY_BYTES:
-        raise body_too_large()
-    try:
-        return request.body
-    except RawPostDataException:
-        raise GatewayError(400, "The request body could not be read.") from None
 
 
 @api.post("/chat/completions", include_in_schema=False)

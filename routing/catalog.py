@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from billing.currency import UnknownCurrency, usd_per_unit
+from billing.currency import UnknownCurrency, to_usd
 from routing.dispatcher import AmbiguousModel, ModelNotFound, resolve_model
 from routing.health import HealthBoard
 from routing.requests import GatewayError
@@ -66,8 +66,11 @@ def _has_usable_key(snapshot: Snapshot, board: HealthBoard, offer: OfferInfo) ->
 def _usd_prices(snapshot: Snapshot, offer: OfferInfo) -> tuple[Decimal, Decimal] | None:
     if offer.prices is None:
         return None
+    prices = offer.prices
     try:
-        rate = usd_per_unit(offer.prices.currency, snapshot.rates)
+        return (
+            to_usd(prices.input_per_mtok, prices.currency, snapshot.rates),
+            to_usd(prices.output_per_mtok, prices.currency, snapshot.rates),
+        )
     except UnknownCurrency:
         return None
-    return offer.prices.input_per_mtok * rate, offer.prices.output_per_mtok * rate

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from billing.costs import MILLION
-from billing.currency import UnknownCurrency, usd_per_unit
+from billing.currency import UnknownCurrency, to_usd
 from routing.health import HealthBoard
 from routing.snapshot import KeyInfo, OfferInfo, Snapshot
 
@@ -156,4 +156,4 @@ def _base_cost_usd(
     list_cost = (
         prompt_tokens * prices.input_per_mtok + output_tokens * prices.output_per_mtok
     ) / MILLION
-    return list_cost * usd_per_unit(prices.currency, snapshot.rates)
+    return to_usd(list_cost, prices.currency, snapshot.rates)
