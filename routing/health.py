@@ -70,27 +70,42 @@ class HealthBoard:
     async def record_failure(
         self, key: KeyInfo, failure: Failure, message: str, retry_after_s: float | None = None
     ) -> None:
+        """Take the key out of this process's routing now, then tell the others."""
+        outcome = self.note_failure(key, failure, retry_after_s)
+        if outcome is not None:
+            await self.share_failure(key, outcome, message)
+
+    def note_failure(
+        self, key: KeyInfo, failure: Failure, retry_after_s: float | None = None
+    ) -> Failure | float | None:
+        """Update local state at once: the failure class, or the cooldown's seconds."""
         if failure == Failure.CLIENT:
-            return
+            return None
         if failure in (Failure.INVALID, Failure.EXHAUSTED):
             self.marked[key.id] = failure.value
-            await db_task(persist_health)(key.id, failure.value, message)
-            return
+            return failure
         if failure == Failure.RATE_LIMITED:
             seconds = (
                 retry_after_s
                 if retry_after_s is not None
-                else (settings.KEYAOS_RATE_LIMIT_COOLDOWN_S)
+                else settings.KEYAOS_RATE_LIMIT_COOLDOWN_S
             )
         else:
             count = self.failures.get(key.id, 0) + 1
             self.failures[key.id] = count
             seconds = settings.KEYAOS_TRANSIENT_COOLDOWN_S * 2 ** (count - 1)
         seconds = min(seconds, settings.KEYAOS_MAX_COOLDOWN_S)
-        until = time.time() + seconds
-        self.cooldowns[key.id] = until
-        await cache.aset(COOLDOWN_KEY.format(key.id), until, timeout=int(seconds) + 1)
-        await db_task(persist_cooldown)(key.id, seconds, message)
+        self.cooldowns[key.id] = time.time() + seconds
+        return seconds
+
+    async def share_failure(self, key: KeyInfo, outcome: Failure | float, message: str) -> None:
+        """Persist a hard failure, or share a cooldown through the cache (I/O: off the path)."""
+        if isinstance(outcome, Failure):
+            await db_task(persist_health)(key.id, outcome.value, message)
+            return
+        until = self.cooldowns[key.id]
+        await cache.aset(COOLDOWN_KEY.format(key.id), until, timeout=int(outcome) + 1)
+        await db_task(persist_cooldown)(key.id, outcome, message)
 
 
 def persist_health(key_id: int, health: str, message: str) -> None:

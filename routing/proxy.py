@@ -202,10 +202,10 @@ class Proxy:
             failure = AttemptFailure(
                 Failure.TRANSIENT, None, f"{provider.slug} timed out before answering"
             )
-            return await self._failed(candidate, failure, attempt_started)
+            return self._failed(candidate, failure, attempt_started)
         except httpx.HTTPError as error:
             message = f"{provider.slug} could not be reached: {type(error).__name__}"
-            return await self._failed(
+            return self._failed(
                 candidate, AttemptFailure(Failure.TRANSIENT, None, message), attempt_started
             )
         failure = await self._check_answer(response, candidate)
@@ -213,7 +213,7 @@ class Proxy:
             await response.aclose()
             if failure.failure == Failure.CLIENT:
                 return await self._client_error(candidate, response, failure, attempt_started)
-            return await self._failed(candidate, failure, attempt_started)
+            return self._failed(candidate, failure, attempt_started)
         self.runtime.board.record_success(key)
         self._chosen(candidate)
         if self.request.stream:
@@ -241,16 +241,27 @@ class Proxy:
         retry_after = retry_after_seconds(response.headers.get("retry-after"))
         return AttemptFailure(failure, response.status_code, message, retry_after, body)
 
-    async def _failed(
+    def _failed(
         self, candidate: Candidate, failure: AttemptFailure, attempt_started: float
     ) -> AttemptFailure:
         self._add_attempt(
             candidate, failure.status, failure.failure.value, failure.message, attempt_started
         )
-        await self.runtime.board.record_failure(
-            candidate.key, failure.failure, failure.message, failure.retry_after_s
-        )
+        self._blame(candidate, failure.failure, failure.message, failure.retry_after_s)
         return failure
+
+    def _blame(
+        self,
+        candidate: Candidate,
+        failure: Failure,
+        message: str,
+        retry_after_s: float | None = None,
+    ) -> None:
+        """Out of this process's routing at once; shared and persisted in the background."""
+        board = self.runtime.board
+        outcome = board.note_failure(candidate.key, failure, retry_after_s)
+        if outcome is not None:
+            self.runtime.spawn(board.share_failure(candidate.key, outcome, message))
 
     async def _client_error(
         self,
@@ -283,7 +294,7 @@ class Proxy:
         except httpx.HTTPError as error:
             await response.aclose()
             message = f"{candidate.provider.slug} dropped the answer: {type(error).__name__}"
-            await self.runtime.board.record_failure(candidate.key, Failure.TRANSIENT, message)
+            self._blame(candidate, Failure.TRANSIENT, message)
             return self.fail(
                 GatewayError(502, message, type="upstream_error"), Outcome.UPSTREAM_ERROR
             )
@@ -338,9 +349,7 @@ class Proxy:
             outcome = Outcome.STREAM_FAILED
             message = f"{candidate.provider.slug} failed mid-stream: {type(error).__name__}"
             self.record.error = message
-            self.runtime.spawn(
-                self.runtime.board.record_failure(candidate.key, Failure.TRANSIENT, message)
-            )
+            self._blame(candidate, Failure.TRANSIENT, message)
             yield _sse_error(message, self.request_id)
         finally:
             # Record first: closing the upstream may wait, and the record must not.
