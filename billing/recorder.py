@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import Case, DateTimeField, DecimalField, F, Value, When
@@ -24,6 +25,7 @@ from django.utils import timezone
 from billing.costs import Cost, Prices, request_cost
 from billing.models import ApiKey, Attempt, LedgerEntry, budget_period_start
 from billing.usage import Usage
+from keyaos.db import insert_rows
 from providers.models import MONEY_DIGITS, Provider, UpstreamKey
 from providers.signals import bump_snapshot_version
 
@@ -82,116 +84,142 @@ class RequestRecord:
 def write_records(records: list[RequestRecord]) -> None:
     """Write a batch: ledger rows, attempts, balance debits and last-use times, atomically."""
     debits: dict[int, Decimal] = defaultdict(Decimal)
-    spends: dict[tuple[int, datetime | None], Decimal] = defaultdict(Decimal)
+    spends: dict[int, dict[datetime | None, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
     last_used: dict[int, datetime] = {}
-    entries = []
+    rows = []
     for record in records:
         cost = record.cost()
-        entries.append(_ledger_entry(record, cost))
+        rows.append(_ledger_row(record, cost))
         if cost is not None and record.upstream_key_id and cost.list_cost:
             debits[record.upstream_key_id] += cost.list_cost
         if cost is not None and record.api_key_id and cost.cost_usd:
             start = budget_period_start(record.budget_period, record.created_at)
-            spends[record.api_key_id, start] += cost.cost_usd
+            spends[record.api_key_id][start] += cost.cost_usd
         if record.api_key_id:
             last_used[record.api_key_id] = max(
                 record.created_at, last_used.get(record.api_key_id, record.created_at)
             )
     with transaction.atomic():
-        created = LedgerEntry.objects.bulk_create(entries)
-        # The attempt that answered is the ledger row itself; only failed ones get rows.
-        Attempt.objects.bulk_create(
-            Attempt(entry_id=entry.pk, number=number, **vars(attempt))
-            for entry, record in zip(created, records, strict=True)
+        insert_rows(LedgerEntry, rows)
+        _insert_failed_attempts(records)
+        _debit_balances(debits)
+        _update_client_keys(last_used, spends)
+
+
+def _insert_failed_attempts(records: list[RequestRecord]) -> None:
+    """The attempt that answered is the ledger row itself; only failed ones get rows."""
+    failed = {
+        record.request_id: [
+            (number, attempt)
             for number, attempt in enumerate(record.attempts, start=1)
             if attempt.failure
-        )
-        _debit_balances(debits)
-        _add_client_spend(spends)
-        for api_key_id, when in last_used.items():
-            ApiKey.objects.filter(pk=api_key_id).update(last_used_at=when)
+        ]
+        for record in records
+        if any(attempt.failure for attempt in record.attempts)
+    }
+    if not failed:
+        return
+    entry_ids = LedgerEntry.objects.filter(request_id__in=failed).values_list("request_id", "pk")
+    insert_rows(
+        Attempt,
+        [
+            {"entry": entry_id, "number": number, **vars(attempt)}
+            for request_id, entry_id in entry_ids
+            for number, attempt in failed[request_id]
+        ],
+    )
 
 
-def _add_client_spend(spends: dict[tuple[int, datetime | None], Decimal]) -> None:
-    """Add to the keys' lifetime and period spend in one UPDATE each, so concurrent writers
-    never lose an update. A newer period restarts the period spend; a late record of an older
-    period only counts towards the lifetime."""
-    for (api_key_id, start), amount in sorted(spends.items(), key=lambda item: item[0][0]):
-        if start is None:
-            period_spent, started = F("period_spent_usd") + amount, F("period_started_at")
-        else:
-            period_spent = Case(
-                When(period_started_at=start, then=F("period_spent_usd") + amount),
-                When(period_started_at__gt=start, then=F("period_spent_usd")),
-                default=Value(amount),
-                output_field=DecimalField(**MONEY_DIGITS),
-            )
-            started = Case(
-                When(period_started_at__gt=start, then=F("period_started_at")),
-                default=Value(start),
-                output_field=DateTimeField(),
-            )
-        ApiKey.objects.filter(pk=api_key_id).update(
-            spent_usd=F("spent_usd") + amount,
-            period_spent_usd=period_spent,
-            period_started_at=started,
+def _update_client_keys(
+    last_used: dict[int, datetime], spends: dict[int, dict[datetime | None, Decimal]]
+) -> None:
+    """Move each key's last use and add to its spend in one UPDATE (one more per further budget
+    period in the batch). F() expressions keep concurrent writers from losing an update."""
+    for api_key_id, when in sorted(last_used.items()):
+        updates = [
+            _spend_changes(start, amount) for start, amount in spends[api_key_id].items()
+        ] or [{}]
+        updates[0]["last_used_at"] = when
+        for changes in updates:
+            ApiKey.objects.filter(pk=api_key_id).update(**changes)
+
+
+def _spend_changes(start: datetime | None, amount: Decimal) -> dict[str, Any]:
+    """A newer period restarts the period spend; a late record of an older period only counts
+    towards the lifetime."""
+    if start is None:
+        period_spent, started = F("period_spent_usd") + amount, F("period_started_at")
+    else:
+        period_spent = Case(
+            When(period_started_at=start, then=F("period_spent_usd") + amount),
+            When(period_started_at__gt=start, then=F("period_spent_usd")),
+            default=Value(amount),
+            output_field=DecimalField(**MONEY_DIGITS),
         )
+        started = Case(
+            When(period_started_at__gt=start, then=F("period_started_at")),
+            default=Value(start),
+            output_field=DateTimeField(),
+        )
+    return {
+        "spent_usd": F("spent_usd") + amount,
+        "period_spent_usd": period_spent,
+        "period_started_at": started,
+    }
 
 
 def _debit_balances(debits: dict[int, Decimal]) -> None:
     """Lower known balances by the list cost, atomically; a key at zero becomes exhausted."""
-    exhausted = 0
+    if not debits:
+        return
     for key_id, amount in sorted(debits.items()):
         UpstreamKey.objects.filter(pk=key_id, balance__isnull=False).update(
             balance=F("balance") - amount
         )
-        exhausted += UpstreamKey.objects.filter(
-            pk=key_id, balance__lte=0, health=UpstreamKey.Health.OK
-        ).update(
-            health=UpstreamKey.Health.EXHAUSTED,
-            last_error="balance reached zero",
-            last_error_at=timezone.now(),
-        )
+    exhausted = UpstreamKey.objects.filter(
+        pk__in=debits, balance__lte=0, health=UpstreamKey.Health.OK
+    ).update(
+        health=UpstreamKey.Health.EXHAUSTED,
+        last_error="balance reached zero",
+        last_error_at=timezone.now(),
+    )
     if exhausted:
         bump_snapshot_version()
 
 
-def _ledger_entry(record: RequestRecord, cost: Cost | None) -> LedgerEntry:
+def _ledger_row(record: RequestRecord, cost: Cost | None) -> dict[str, Any]:
     usage = record.usage
-    entry = LedgerEntry(
-        request_id=record.request_id,
-        created_at=record.created_at,
-        api_key_id=record.api_key_id,
-        provider_id=record.provider_id,
-        upstream_key_id=record.upstream_key_id,
-        requested_model=record.requested_model[:200],
-        upstream_model=record.upstream_model,
-        endpoint=record.endpoint,
-        streamed=record.streamed,
-        outcome=record.outcome,
-        status_code=record.status_code,
-        attempts=len(record.attempts),
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        cached_tokens=usage.cached_tokens,
-        reasoning_tokens=usage.reasoning_tokens,
-        usage_source=usage.source,
-        latency_ms=record.latency_ms,
-        ttfb_ms=record.ttfb_ms,
-        overhead_ms=round(Decimal(record.overhead_ms), 3)
+    return {
+        "request_id": record.request_id,
+        "created_at": record.created_at,
+        "api_key": record.api_key_id,
+        "provider": record.provider_id,
+        "upstream_key": record.upstream_key_id,
+        "requested_model": record.requested_model[:200],
+        "upstream_model": record.upstream_model,
+        "endpoint": record.endpoint,
+        "streamed": record.streamed,
+        "outcome": record.outcome,
+        "status_code": record.status_code,
+        "attempts": len(record.attempts),
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "usage_source": usage.source,
+        "latency_ms": record.latency_ms,
+        "ttfb_ms": record.ttfb_ms,
+        "overhead_ms": round(Decimal(record.overhead_ms), 3)
         if record.overhead_ms is not None
         else None,
-        error=record.error,
-    )
-    if record.prices is not None:
-        entry.currency = record.prices.currency
-    if cost is not None:
-        entry.cost = cost.list_cost
-        entry.cost_source = cost.source
-        entry.usd_per_unit = cost.usd_per_unit
-        entry.cost_usd = cost.cost_usd
-        entry.list_cost_usd = cost.list_cost_usd
-    return entry
+        "error": record.error,
+        "currency": record.prices.currency if record.prices is not None else "USD",
+        "cost": cost.list_cost if cost is not None else Decimal(0),
+        "cost_source": cost.source if cost is not None else LedgerEntry.CostSource.NONE,
+        "usd_per_unit": cost.usd_per_unit if cost is not None else Decimal(1),
+        "cost_usd": cost.cost_usd if cost is not None else Decimal(0),
+        "list_cost_usd": cost.list_cost_usd if cost is not None else Decimal(0),
+    }
 
 
 def _write_keeping_connection(batch: list[RequestRecord]) -> None:

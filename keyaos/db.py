@@ -1,12 +1,14 @@
-"""Database work started from the event loop outside a request."""
+"""Database work started from the event loop outside a request, and a lean bulk INSERT."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from functools import wraps
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.db import connection
+from django.db.models import Model
 
 
 def db_task[**P, R](function: Callable[P, R]) -> Callable[P, Awaitable[R]]:
@@ -23,3 +25,40 @@ def db_task[**P, R](function: Callable[P, R]) -> Callable[P, Awaitable[R]]:
             connection.close()
 
     return wraps(function)(sync_to_async(closing, thread_sensitive=False))
+
+
+# Values of these fields need the backend's adaptation (time zone, decimal rounding); the
+# drivers take every other value (int, str, bool, None) as it is.
+_ADAPTED_FIELDS = {"DateField", "DateTimeField", "DecimalField", "TimeField"}
+
+
+def insert_rows(model: type[Model], rows: list[dict[str, Any]]) -> None:
+    """INSERT ``rows`` (field name -> value, the same names in every row) with one executemany.
+
+    ``bulk_create`` builds a model instance and compiles every field of every row in Python,
+    about 0.2 ms a row; for the ledger that was most of the writer's time, all of it holding the
+    GIL the event loop needs. Here the SQL is built once and only the values that the backend
+    must adapt go through their field. No defaults are filled in and no primary keys come back.
+    """
+    if not rows:
+        return
+    fields = [model._meta.get_field(name) for name in rows[0]]
+    quote = connection.ops.quote_name
+    sql = "INSERT INTO {} ({}) VALUES ({})".format(
+        quote(model._meta.db_table),
+        ", ".join(quote(field.column) for field in fields),
+        ", ".join(["%s"] * len(fields)),
+    )
+    adapted = [
+        (index, field.get_db_prep_save)
+        for index, field in enumerate(fields)
+        if field.get_internal_type() in _ADAPTED_FIELDS
+    ]
+    params = []
+    for row in rows:
+        values = list(row.values())
+        for index, prepare in adapted:
+            values[index] = prepare(values[index], connection)
+        params.append(values)
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, params)
