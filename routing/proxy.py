@@ -46,10 +46,13 @@ _EVENT_END = re.compile(rb"\r?\n\r?\n")
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _TEXT_FIELD = re.compile(
-    rb'"(?:content|text|reasoning|reasoning_content)"\s*:\s*"((?:[^"\\]|\\.)*)"'
+    rb'"(?:content|text|reasoning|reasoning_content)"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"'
 )
 _ERROR_EVENT = re.compile(rb'^data:\s*\{\s*"error"')
 _DONE_EVENT = re.compile(rb"^data:\s*\[DONE\]")
+# Bytes that only an event worth reading holds (usage, an error, the end of the stream); a
+# plain bytes search for them is far faster than any regex over every event.
+_NOTABLE = (b'"usage"', b'"error"', b"[DONE]")
 _FAILURE_STATUS = {  # what the client sees when every candidate failed this way
     Failure.RATE_LIMITED: 429,
     Failure.EXHAUSTED: 402,
@@ -449,7 +452,8 @@ def refuse(
 class StreamReader:
     """Splits SSE bytes into whole events, reads usage once, drops what the client did not ask for.
 
-    Only an event that mentions a usage object is parsed; the rest pass through byte for byte.
+    Whole events pass through byte for byte; only the few that matter (usage, an error,
+    ``[DONE]``) are cut out and read, found by one regex search over everything that arrived.
     """
 
     def __init__(self, *, drop_usage_only: bool) -> None:
@@ -461,29 +465,41 @@ class StreamReader:
         self.done = False
 
     def feed(self, chunk: bytes) -> bytes:
-        self.buffer += chunk
-        forward = []
-        start = 0
-        for match in _EVENT_END.finditer(self.buffer):
-            event = self.buffer[start : match.end()]
-            start = match.end()
-            if self._keep(event):
-                forward.append(event)
-        self.buffer = self.buffer[start:]
-        return b"".join(forward)
+        data = self.buffer + chunk if self.buffer else chunk
+        end = _last_event_end(data)
+        self.buffer = data[end:]
+        return self._forward(data[:end]) if end else b""
 
     def close(self) -> bytes:
         tail, self.buffer = self.buffer, b""
         if not tail.strip():
             return b""
-        return tail if self._keep(tail) else b""
+        return self._forward(tail)
+
+    def _forward(self, events: bytes) -> bytes:
+        """``events`` holds whole events; returns them without the ones to drop."""
+        self.text_chars += sum(len(text) for text in _TEXT_FIELD.findall(events))
+        dropped = []
+        read_until = 0
+        for index in _notable_positions(events):
+            if index < read_until:
+                continue
+            begin, read_until = _event_bounds(events, index)
+            if not self._keep(events[begin:read_until]):
+                dropped.append((begin, read_until))
+        if not dropped:
+            return events
+        parts, position = [], 0
+        for begin, end in dropped:
+            parts.append(events[position:begin])
+            position = end
+        parts.append(events[position:])
+        return b"".join(parts)
 
     def _keep(self, event: bytes) -> bool:
         if _DONE_EVENT.match(event):
             self.done = True
             return True
-        for match in _TEXT_FIELD.finditer(event):
-            self.text_chars += len(match.group(1))
         if _ERROR_EVENT.match(event):
             self.error = upstream_message(event.split(b":", 1)[1])
         if not _USAGE_OBJECT.search(event):
@@ -492,6 +508,29 @@ class StreamReader:
         if usage is not None:
             self.usage = usage  # a repeated usage event replaces, never adds
         return not (self.drop_usage_only and _EMPTY_CHOICES.search(event))
+
+
+def _last_event_end(data: bytes, before: int | None = None) -> int:
+    """Where the last whole event in ``data[:before]`` ends (after its blank line), or 0."""
+    lf = data.rfind(b"\n\n", 0, before)
+    crlf = data.rfind(b"\n\r\n", 0, before)
+    return max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
+
+
+def _notable_positions(events: bytes) -> list[int]:
+    positions = []
+    for needle in _NOTABLE:
+        index = events.find(needle)
+        while index >= 0:
+            positions.append(index)
+            index = events.find(needle, index + 1)
+    return sorted(positions)
+
+
+def _event_bounds(events: bytes, index: int) -> tuple[int, int]:
+    """The start and end of the event that holds ``events[index]``."""
+    following = _EVENT_END.search(events, index)
+    return _last_event_end(events, index), following.end() if following else len(events)
 
 
 def error_response(error: GatewayError) -> JsonResponse:
