@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -41,6 +41,7 @@ from routing.runtime import Runtime
 from routing.snapshot import ClientKey
 
 Outcome = LedgerEntry.Outcome
+USER_AGENT = "Keyaos"
 
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
@@ -82,7 +83,7 @@ class Proxy:
         self.started = started
         self.overhead_ms: float | None = None
         self.reservation: Reservation | None = None
-        self.request_id = "req_" + uuid.uuid4().hex
+        self.request_id = new_request_id()
         self.record = RequestRecord(
             request_id=self.request_id,
             api_key_id=client.id or None,
@@ -184,17 +185,16 @@ class Proxy:
             # Bytes are relayed as they come: a compressed answer would reach the client unread.
             "Accept-Encoding": "identity",
             "X-Request-Id": self.request_id,
+            "User-Agent": USER_AGENT,
         }
-        upstream = self.runtime.client.build_request(
+        # Built directly rather than by the client: merging its defaults and parsing the URL
+        # took a third of the gateway's own time on the way out.
+        upstream = httpx.Request(
             "POST",
-            provider.url(self.request.endpoint),
+            provider.request_url(self.request.endpoint),
             content=self.request.upstream_body(offer.upstream_model_id),
             headers=headers,
-            timeout=httpx.Timeout(
-                settings.KEYAOS_CONNECT_TIMEOUT_S,
-                read=provider.read_timeout_s,
-                pool=settings.KEYAOS_CONNECT_TIMEOUT_S,
-            ),
+            extensions={"timeout": provider.timeouts},
         )
         attempt_started = time.perf_counter()
         if self.overhead_ms is None:
@@ -430,7 +430,7 @@ def refuse(
     runtime: Runtime, client: ClientKey, endpoint: str, error: GatewayError, *, started: float
 ) -> HttpResponse:
     """Answer a refused request whose body could not be read, still leaving a ledger row."""
-    request_id = "req_" + uuid.uuid4().hex
+    request_id = new_request_id()
     runtime.ledger.submit(
         RequestRecord(
             request_id=request_id,
@@ -606,6 +606,10 @@ async def _read_some(response: httpx.Response, limit: int = 65536) -> bytes:
     except httpx.HTTPError:
         pass
     return body[:limit]
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(16).hex()
 
 
 def _ms_since(started: float) -> int:

@@ -11,6 +11,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from functools import cached_property
+
+import httpx
+from django.conf import settings
 
 from billing.costs import Prices
 from billing.currency import load_rates
@@ -30,6 +34,23 @@ class ProviderInfo(UpstreamEndpoint):
     currency: str
     auth_style: str
     read_timeout_s: float
+
+    def request_url(self, endpoint: str) -> httpx.URL:
+        """Parsed once per endpoint: parsing a URL is a good part of building a request."""
+        url = self._urls.get(endpoint)
+        if url is None:
+            url = self._urls[endpoint] = httpx.URL(self.url(endpoint))
+        return url
+
+    @cached_property
+    def _urls(self) -> dict[str, httpx.URL]:
+        return {}
+
+    @cached_property
+    def timeouts(self) -> dict[str, float]:
+        """The timeout extension of a request: connecting is quick, a first token may not be."""
+        connect_s = settings.KEYAOS_CONNECT_TIMEOUT_S
+        return httpx.Timeout(connect_s, read=self.read_timeout_s, pool=connect_s).as_dict()
 
 
 @dataclass(frozen=True)
