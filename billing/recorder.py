@@ -190,7 +190,7 @@ def _debit_balances(debits: dict[int, Decimal]) -> None:
 
 def _ledger_row(record: RequestRecord, cost: Cost | None) -> dict[str, Any]:
     usage = record.usage
-    return {
+    row = {
         "request_id": record.request_id,
         "created_at": record.created_at,
         "api_key": record.api_key_id,
@@ -214,13 +214,18 @@ def _ledger_row(record: RequestRecord, cost: Cost | None) -> dict[str, Any]:
         if record.overhead_ms is not None
         else None,
         "error": record.error,
-        "currency": record.prices.currency if record.prices is not None else "USD",
-        "cost": cost.list_cost if cost is not None else Decimal(0),
-        "cost_source": cost.source if cost is not None else LedgerEntry.CostSource.NONE,
-        "usd_per_unit": cost.usd_per_unit if cost is not None else Decimal(1),
-        "cost_usd": cost.cost_usd if cost is not None else Decimal(0),
-        "list_cost_usd": cost.list_cost_usd if cost is not None else Decimal(0),
     }
+    if record.prices is not None:
+        row["currency"] = record.prices.currency
+    if cost is not None:
+        row |= {
+            "cost": cost.list_cost,
+            "cost_source": cost.source,
+            "usd_per_unit": cost.usd_per_unit,
+            "cost_usd": cost.cost_usd,
+            "list_cost_usd": cost.list_cost_usd,
+        }
+    return row
 
 
 def _write_keeping_connection(batch: list[RequestRecord]) -> None:

@@ -453,7 +453,7 @@ class StreamReader:
     """Splits SSE bytes into whole events, reads usage once, drops what the client did not ask for.
 
     Whole events pass through byte for byte; only the few that matter (usage, an error,
-    ``[DONE]``) are cut out and read, found by one regex search over everything that arrived.
+    ``[DONE]``) are cut out and read, found by a plain bytes search over what arrived.
     """
 
     def __init__(self, *, drop_usage_only: bool) -> None:
