@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
+from django.conf import settings
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 from django.utils import timezone
@@ -35,6 +36,11 @@ class UpstreamEndpoint:
 
 
 API_KEY_HEADER = "x-api-key"
+
+
+def default_read_timeout_s() -> float:
+    """A new provider's read timeout: ``KEYAOS_READ_TIMEOUT_S``."""
+    return settings.KEYAOS_READ_TIMEOUT_S
 
 
 class Provider(UpstreamEndpoint, models.Model):
@@ -83,7 +89,11 @@ class Provider(UpstreamEndpoint, models.Model):
         blank=True,
         help_text="Vendor prefix for native ids without one (deepseek-chat -> deepseek/...).",
     )
-    read_timeout_s = models.FloatField(default=300.0, validators=[MinValueValidator(1.0)])
+    read_timeout_s = models.FloatField(
+        default=default_read_timeout_s,
+        validators=[MinValueValidator(1.0)],
+        help_text="Seconds to wait between bytes from this provider (and for its first token).",
+    )
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)
 

@@ -106,7 +106,8 @@ class Runtime:
 
 
 def new_upstream_client() -> httpx.AsyncClient:
-    """One pooled client per process: large pool, and timeouts that allow a slow first token.
+    """One pooled client per process, with a large pool. Each request carries its provider's
+    timeouts (``ProviderInfo.timeouts``).
 
     httpx's API on aiohttp's connection pool (``httpx-aiohttp``): httpcore's pool scans every
     connection on each request, which `make bench` measured at 2-3x the CPU per request at
@@ -119,12 +120,6 @@ def new_upstream_client() -> httpx.AsyncClient:
     )
     return httpx.AsyncClient(
         transport=AiohttpTransport(limits=limits, trust_env=False),
-        timeout=httpx.Timeout(
-            connect=settings.KEYAOS_CONNECT_TIMEOUT_S,
-            read=settings.KEYAOS_READ_TIMEOUT_S,
-            write=30.0,
-            pool=settings.KEYAOS_CONNECT_TIMEOUT_S,
-        ),
         follow_redirects=False,
         trust_env=False,
     )

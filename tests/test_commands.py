@@ -39,6 +39,13 @@ class TestAddProvider:
         assert provider.currency == "USD"
         assert "Added provider openrouter" in out
 
+    def test_a_new_provider_waits_keyaos_read_timeout_s_for_its_answers(self, settings):
+        settings.KEYAOS_READ_TIMEOUT_S = 42.0
+
+        run("add_provider", "openrouter", "--preset", "openrouter")
+
+        assert Provider.objects.get(slug="openrouter").read_timeout_s == 42.0
+
     def test_the_deepseek_preset_seeds_manual_cny_prices(self):
         out, _ = run("add_provider", "deepseek", "--preset", "deepseek")
 
