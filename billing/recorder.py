@@ -28,7 +28,6 @@ from billing.models import ApiKey, Attempt, LedgerEntry, budget_period_start
 from billing.usage import Usage
 from keyaos.db import insert_rows
 from providers.models import MONEY_DIGITS, Provider, UpstreamKey
-from providers.signals import bump_snapshot_version
 
 logger = logging.getLogger("keyaos.ledger")
 
@@ -177,15 +176,9 @@ def _debit_balances(debits: dict[int, Decimal]) -> None:
         UpstreamKey.objects.filter(pk=key_id, balance__isnull=False).update(
             balance=F("balance") - amount
         )
-    exhausted = UpstreamKey.objects.filter(
+    UpstreamKey.objects.filter(
         pk__in=debits, balance__lte=0, health=UpstreamKey.Health.OK
-    ).update(
-        health=UpstreamKey.Health.EXHAUSTED,
-        last_error="balance reached zero",
-        last_error_at=timezone.now(),
-    )
-    if exhausted:
-        bump_snapshot_version()
+    ).mark_exhausted("balance reached zero")
 
 
 def _ledger_row(record: RequestRecord, cost: Cost | None) -> dict[str, Any]:

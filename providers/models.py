@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
+from django.dispatch import Signal
 from django.utils import timezone
 
 from providers.crypto import decrypt_secret, encrypt_secret, mask_secret, secret_fingerprint
@@ -113,12 +114,107 @@ class Provider(UpstreamEndpoint, models.Model):
         return lowered
 
 
+class Health(models.TextChoices):
+    OK = "ok", "OK"
+    COOLING = "cooling", "Cooling down"
+    EXHAUSTED = "exhausted", "Exhausted"
+    INVALID = "invalid", "Invalid"
+
+
+# What a key starts from (and returns to on reset).
+FRESH_HEALTH = {
+    "health": Health.OK,
+    "cooldown_until": None,
+    "last_error": "",
+    "last_error_at": None,
+}
+
+# Sent when a transition changed some key's health: whoever keeps a routing snapshot rebuilds it.
+key_health_changed = Signal()
+
+
+def unusable_reason(
+    *,
+    health: str,
+    last_error: str = "",
+    cooldown_until: datetime | None = None,
+    balance: Decimal | None = None,
+    enabled: bool = True,
+    provider_enabled: bool = True,
+    probing: bool = False,
+    now: datetime | None = None,
+) -> str | None:
+    """Why a key cannot serve now, or None: the one wording for routing, commands and pages."""
+    if not provider_enabled:
+        return "provider disabled"
+    if not enabled:
+        return "key disabled"
+    if health == Health.INVALID:
+        return f"invalid: {last_error or 'rejected by the provider'}"
+    if health == Health.EXHAUSTED:
+        return "exhausted (no credit left)"
+    if cooldown_until is not None and cooldown_until > (now or timezone.now()):
+        return f"cooling down until {timezone.localtime(cooldown_until):%H:%M:%S}"
+    if probing:
+        return "half-open: one probe request is testing it"
+    if balance is not None and balance <= 0:
+        return "balance is zero"
+    return None
+
+
+class UpstreamKeyQuerySet(models.QuerySet):
+    """Every change of a key's health: one atomic UPDATE each, routing told when health moved."""
+
+    def mark_invalid(self, reason: str) -> int:
+        return self._transition(
+            health=Health.INVALID, last_error=reason, last_error_at=timezone.now()
+        )
+
+    def mark_exhausted(self, reason: str) -> int:
+        return self._transition(
+            health=Health.EXHAUSTED, last_error=reason, last_error_at=timezone.now()
+        )
+
+    def mark(self, health: str | None, reason: str) -> int:
+        """The state a failure calls for (``health_after(failure)``): invalid or exhausted
+        change health; anything else only records the error."""
+        if health == Health.INVALID:
+            return self.mark_invalid(reason)
+        if health == Health.EXHAUSTED:
+            return self.mark_exhausted(reason)
+        return self.note_error(reason)
+
+    def recover(self) -> int:
+        """Exhausted keys that have credit again serve again."""
+        return self.filter(health=Health.EXHAUSTED)._transition(health=Health.OK)
+
+    def reset(self, *, clear_error: bool = False) -> int:
+        """Healthy, with no cooldown (a key check passed); the last error stays as history
+        unless ``clear_error``."""
+        changes = dict(FRESH_HEALTH)
+        if not clear_error:
+            del changes["last_error"], changes["last_error_at"]
+        return self._transition(**changes)
+
+    def cool_down(self, seconds: float, reason: str) -> int:
+        """Shown in the admin. Routing reads live cooldowns from the cache, so no rebuild."""
+        now = timezone.now()
+        return self.update(
+            cooldown_until=now + timedelta(seconds=seconds), last_error=reason, last_error_at=now
+        )
+
+    def note_error(self, reason: str) -> int:
+        return self.update(last_error=reason, last_error_at=timezone.now())
+
+    def _transition(self, **changes) -> int:
+        changed = self.update(**changes)
+        if changed:
+            key_health_changed.send(sender=UpstreamKey)
+        return changed
+
+
 class UpstreamKey(models.Model):
-    class Health(models.TextChoices):
-        OK = "ok", "OK"
-        COOLING = "cooling", "Cooling down"
-        EXHAUSTED = "exhausted", "Exhausted"
-        INVALID = "invalid", "Invalid"
+    Health = Health
 
     class BalanceSource(models.TextChoices):
         AUTO = "auto", "Auto (provider's balance endpoint)"
@@ -152,6 +248,8 @@ class UpstreamKey(models.Model):
     last_error = models.TextField(blank=True)
     last_error_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
+
+    objects = UpstreamKeyQuerySet.as_manager()
 
     class Meta:
         constraints = [
@@ -201,20 +299,15 @@ class UpstreamKey(models.Model):
 
     def unusable_reason(self, now: datetime | None = None) -> str | None:
         """Why routing skips this key, or None when it may serve."""
-        now = now or timezone.now()
-        if not self.provider.enabled:
-            return "provider disabled"
-        if not self.enabled:
-            return "key disabled"
-        if self.health == self.Health.INVALID:
-            return f"invalid: {self.last_error or 'rejected by the provider'}"
-        if self.health == self.Health.EXHAUSTED:
-            return "exhausted (no credit)"
-        if self.cooldown_until and self.cooldown_until > now:
-            return f"cooling down until {self.cooldown_until:%H:%M:%S}"
-        if self.balance is not None and self.balance <= 0:
-            return "balance is zero"
-        return None
+        return unusable_reason(
+            health=self.health,
+            last_error=self.last_error,
+            cooldown_until=self.cooldown_until,
+            balance=self.balance,
+            enabled=self.enabled,
+            provider_enabled=self.provider.enabled,
+            now=now,
+        )
 
 
 class ModelOffer(models.Model):

@@ -39,7 +39,7 @@ from providers.models import (
     UpstreamKey,
 )
 from providers.signals import bump_snapshot_version
-from routing.failures import Failure, classify, redact
+from routing.failures import classify, health_after, redact
 
 logger = logging.getLogger(__name__)
 
@@ -335,9 +335,7 @@ def store_balance(key_id: int, balance: Decimal, *, now: datetime | None = None)
             drift=None if local is None else balance - local,
         )
         if balance > 0:
-            UpstreamKey.objects.filter(pk=key_id, health=UpstreamKey.Health.EXHAUSTED).update(
-                health=UpstreamKey.Health.OK
-            )
+            UpstreamKey.objects.filter(pk=key_id).recover()
     return updated
 
 
@@ -369,23 +367,14 @@ def validate_key(key: UpstreamKey) -> KeyCheckResult:
         result = check_key(key.provider, key.secret)
     except SecretDecryptionError as exc:
         result = KeyCheckResult(False, None, str(exc))
-    now = timezone.now()
+    keys = UpstreamKey.objects.filter(pk=key.pk)
     if result.ok:
-        key.health, key.cooldown_until = UpstreamKey.Health.OK, None
-        key.save(update_fields=["health", "cooldown_until"])
-        return result
-    key.last_error, key.last_error_at = f"key check: {result.message}", now
-    fields = ["last_error", "last_error_at"]
-    if result.status_code is not None:
-        failure = classify(result.status_code, result.message)
-        if failure in (Failure.INVALID, Failure.EXHAUSTED):
-            key.health = (
-                UpstreamKey.Health.INVALID
-                if failure == Failure.INVALID
-                else UpstreamKey.Health.EXHAUSTED
-            )
-            fields.append("health")
-    key.save(update_fields=fields)
+        keys.reset()
+    else:
+        status = result.status_code
+        failure = None if status is None else classify(status, result.message)
+        keys.mark(health_after(failure), f"key check: {result.message}")
+    key.refresh_from_db(fields=["health", "cooldown_until", "last_error", "last_error_at"])
     return result
 
 

@@ -17,7 +17,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from providers.crypto import reencrypt_secret, secret_fingerprint
-from providers.models import ModelOffer, Provider, UpstreamKey
+from providers.models import FRESH_HEALTH, ModelOffer, Provider, UpstreamKey
 from providers.presets import PRESETS, ProviderPreset
 
 CUSTOM_PRESET = "openai-compatible"
@@ -199,10 +199,8 @@ def replace_upstream_secret(*, key: UpstreamKey, secret: str) -> None:
     """Give ``key`` a new secret (not saved); a new secret starts healthy."""
     ensure_secret_is_new(provider=key.provider, secret=secret, exclude=key)
     key.set_secret(secret)
-    key.health = UpstreamKey.Health.OK
-    key.cooldown_until = None
-    key.last_error = ""
-    key.last_error_at = None
+    for name, value in FRESH_HEALTH.items():
+        setattr(key, name, value)
 
 
 @transaction.atomic

@@ -7,7 +7,7 @@ from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
 from billing.models import ApiKey, CurrencyRate
-from providers.models import ModelAlias, ModelOffer, Provider, UpstreamKey
+from providers.models import ModelAlias, ModelOffer, Provider, UpstreamKey, key_health_changed
 
 ROUTING_MODELS = (Provider, UpstreamKey, ModelOffer, ModelAlias, CurrencyRate, ApiKey)
 
@@ -23,3 +23,8 @@ def bump_snapshot_version() -> None:
 def routing_data_changed(sender, **kwargs) -> None:
     if sender in ROUTING_MODELS:
         bump_snapshot_version()
+
+
+@receiver(key_health_changed)
+def key_health_moved(sender, **kwargs) -> None:
+    bump_snapshot_version()

@@ -9,6 +9,8 @@ from enum import StrEnum
 
 from django.utils import timezone
 
+from providers.models import Health
+
 
 class Failure(StrEnum):
     CLIENT = "client"  # the request is wrong: pass the answer back, leave the key alone
@@ -16,6 +18,19 @@ class Failure(StrEnum):
     EXHAUSTED = "exhausted"  # 402 or a quota message: no credit left
     RATE_LIMITED = "rate_limited"  # 429: cool down for Retry-After
     TRANSIENT = "transient"  # 5xx, timeouts, connection errors, a 200 with the wrong body
+
+
+_HEALTH_AFTER = {
+    Failure.INVALID: Health.INVALID,
+    Failure.EXHAUSTED: Health.EXHAUSTED,
+    Failure.RATE_LIMITED: Health.COOLING,
+    Failure.TRANSIENT: Health.COOLING,
+}
+
+
+def health_after(failure: Failure | None) -> str | None:
+    """The key health a failure calls for; None when the key is not to blame."""
+    return _HEALTH_AFTER.get(failure) if failure is not None else None
 
 
 CLIENT_STATUSES = {400, 404, 413, 422}

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
+from datetime import UTC, datetime
 
 from django.conf import settings
 from django.core.cache import cache
-from django.utils import timezone
 
 from keyaos.db import db_task
-from providers.models import UpstreamKey
-from providers.signals import bump_snapshot_version
-from routing.failures import Failure
+from providers.models import UpstreamKey, unusable_reason
+from routing.failures import Failure, health_after
 from routing.snapshot import KeyInfo
 
 logger = logging.getLogger("keyaos.health")
@@ -36,16 +34,16 @@ class HealthBoard:
     def unusable_reason(self, key: KeyInfo, now: float | None = None) -> str | None:
         now = time.time() if now is None else now
         health = self.marked.get(key.id, key.health)
-        if health == UpstreamKey.Health.INVALID:
-            return f"invalid: {key.last_error or 'rejected by the provider'}"
-        if health == UpstreamKey.Health.EXHAUSTED:
-            return "exhausted (no credit left)"
         until = max(self.cooldowns.get(key.id, 0.0), _epoch(key))
-        if until > now:
-            return f"cooling down for {until - now:.0f}s more"
-        if key.balance is not None and key.balance <= 0:
-            return "balance is zero"
-        return None
+        usable_balance = key.balance is None or key.balance > 0
+        if health == UpstreamKey.Health.OK and until <= now and usable_balance:
+            return None
+        return unusable_reason(
+            health=health,
+            last_error=key.last_error,
+            cooldown_until=datetime.fromtimestamp(until, UTC) if until > now else None,
+            balance=key.balance,
+        )
 
     def forget_marks(self, keys: dict[int, list[KeyInfo]]) -> None:
         """Drop local marks once a rebuilt snapshot carries the persisted state."""
@@ -82,7 +80,7 @@ class HealthBoard:
         if failure == Failure.CLIENT:
             return None
         if failure in (Failure.INVALID, Failure.EXHAUSTED):
-            self.marked[key.id] = failure.value
+            self.marked[key.id] = health_after(failure)
             return failure
         if failure == Failure.RATE_LIMITED:
             seconds = (
@@ -101,7 +99,7 @@ class HealthBoard:
     async def share_failure(self, key: KeyInfo, outcome: Failure | float, message: str) -> None:
         """Persist a hard failure, or share a cooldown through the cache (I/O: off the path)."""
         if isinstance(outcome, Failure):
-            await db_task(persist_health)(key.id, outcome.value, message)
+            await db_task(persist_health)(key.id, health_after(outcome), message)
             return
         until = self.cooldowns[key.id]
         await cache.aset(COOLDOWN_KEY.format(key.id), until, timeout=int(outcome) + 1)
@@ -109,19 +107,12 @@ class HealthBoard:
 
 
 def persist_health(key_id: int, health: str, message: str) -> None:
-    UpstreamKey.objects.filter(pk=key_id).update(
-        health=health, last_error=message, last_error_at=timezone.now()
-    )
-    bump_snapshot_version()
+    UpstreamKey.objects.filter(pk=key_id).mark(health, message)
     logger.warning("upstream key %s marked %s: %s", key_id, health, message)
 
 
 def persist_cooldown(key_id: int, seconds: float, message: str) -> None:
-    """Shown in the admin; routing reads cooldowns from the cache, so no snapshot rebuild."""
-    now = timezone.now()
-    UpstreamKey.objects.filter(pk=key_id).update(
-        cooldown_until=now + timedelta(seconds=seconds), last_error=message, last_error_at=now
-    )
+    UpstreamKey.objects.filter(pk=key_id).cool_down(seconds, message)
 
 
 def _epoch(key: KeyInfo) -> float:

@@ -21,7 +21,7 @@ from django.utils import timezone
 from billing.costs import MILLION
 from billing.currency import UnknownCurrency, load_rates, to_usd
 from billing.models import DailyUsage, LedgerEntry
-from providers.models import ModelOffer, RefreshResult, RefreshRun, UpstreamKey
+from providers.models import ModelOffer, RefreshResult, RefreshRun, UpstreamKey, unusable_reason
 
 WINDOWS = (("Today", 1), ("Last 7 days", 7), ("Last 30 days", 30))
 CHART_DAYS = 30
@@ -296,12 +296,14 @@ def key_statuses(now: datetime, today: date, rates: dict[str, Decimal]) -> list[
 def attention_reasons(status: KeyStatus, now: datetime) -> list[str]:
     key = status.key
     reasons = []
-    if key.health == UpstreamKey.Health.INVALID:
-        reasons.append("invalid: " + (key.last_error or "rejected by the provider"))
-    if key.health == UpstreamKey.Health.EXHAUSTED:
-        reasons.append("exhausted (no credit left)")
-    if key.cooldown_until and key.cooldown_until > now:
-        reasons.append(f"cooling down until {timezone.localtime(key.cooldown_until):%H:%M:%S}")
+    unusable = unusable_reason(
+        health=key.health,
+        last_error=key.last_error,
+        cooldown_until=key.cooldown_until,
+        now=now,
+    )
+    if unusable is not None:
+        reasons.append(unusable)
     low = low_balance_usd()
     if status.balance_usd is not None and status.balance_usd < low:
         reasons.append(f"balance below ${low:.2f}")
