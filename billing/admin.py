@@ -25,7 +25,8 @@ from billing.models import (
     LedgerEntry,
 )
 from billing.selectors import Totals, ledger_totals, recent_spend
-from keyaos.admin_format import relative_time
+from keyaos.admin_format import exact_amount, plain_amount, relative_time
+from keyaos.admin_mixins import AddFormMixin, EnableActionsMixin, ReadOnlyAdminMixin, ReadOnlyInline
 
 
 class CurrencyRateForm(forms.ModelForm):
@@ -87,8 +88,8 @@ class ApiKeyForm(forms.ModelForm):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
-    form = ApiKeyForm
+class ApiKeyAdmin(AddFormMixin, EnableActionsMixin, admin.ModelAdmin):
+    form = add_form = ApiKeyForm
     list_display = (
         "name",
         "prefix",
@@ -109,15 +110,13 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "spend_so_far",
         "spend_last_30_days",
     )
-    actions = ["enable_keys", "disable_keys"]
+    enabled_noun = "client key(s)"
 
     @admin.display(description="last used", ordering="last_used_at")
     def last_used(self, api_key: ApiKey) -> str:
         return relative_time(api_key.last_used_at)
 
     def get_fields(self, request: HttpRequest, obj=None):
-        if obj is None:
-            return ApiKeyForm.Meta.fields
         return (
             ("name", "enabled"),
             ("prefix", "created_at", "last_used_at"),
@@ -129,9 +128,6 @@ class ApiKeyAdmin(admin.ModelAdmin):
             "allowed_ips",
             ("rpm_limit", "tpm_limit"),
         )
-
-    def get_readonly_fields(self, request: HttpRequest, obj=None):
-        return () if obj is None else self.readonly_fields
 
     @admin.display(description="budget", ordering="budget_usd")
     def budget(self, api_key: ApiKey) -> str:
@@ -186,29 +182,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
             messages.WARNING,
         )
 
-    @admin.action(description="Enable the selected client keys")
-    def enable_keys(self, request: HttpRequest, queryset) -> None:
-        self._set_enabled(request, queryset, True)
-
-    @admin.action(description="Disable the selected client keys")
-    def disable_keys(self, request: HttpRequest, queryset) -> None:
-        self._set_enabled(request, queryset, False)
-
-    def _set_enabled(self, request: HttpRequest, queryset, enabled: bool) -> None:
-        from providers.signals import bump_snapshot_version
-
-        count = queryset.update(enabled=enabled)
-        bump_snapshot_version()
-        self.message_user(request, f"{'Enabled' if enabled else 'Disabled'} {count} client key(s).")
-
-
-def plain_usd(amount) -> str:
-    """An amount without exponent or trailing zeros (0.00000181, not 1.81E-6)."""
-    return f"{amount.normalize():f}" if amount else "0"
-
 
 def usd(amount) -> str:
-    return f"{plain_usd(amount)} USD"
+    return exact_amount(amount, "USD")
 
 
 def spend_summary(totals: Totals, owner_field: str, owner_id: int) -> str:
@@ -255,10 +231,8 @@ class RequestedModelFilter(admin.SimpleListFilter):
         return queryset.filter(requested_model=self.value())
 
 
-class AttemptInline(admin.TabularInline):
+class AttemptInline(ReadOnlyInline):
     model = Attempt
-    extra = 0
-    can_delete = False
     fields = (
         "number",
         "provider",
@@ -269,16 +243,9 @@ class AttemptInline(admin.TabularInline):
         "error",
         "duration_ms",
     )
-    readonly_fields = fields
 
     def get_queryset(self, request: HttpRequest):
         return super().get_queryset(request).select_related("provider", "upstream_key__provider")
-
-    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
 
 
 CSV_COLUMNS = (
@@ -317,7 +284,7 @@ class _Echo:
 
 
 @admin.register(LedgerEntry)
-class LedgerEntryAdmin(admin.ModelAdmin):
+class LedgerEntryAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     change_list_template = "admin/billing/ledgerentry/change_list.html"
     list_display = (
         "created_at",
@@ -349,15 +316,6 @@ class LedgerEntryAdmin(admin.ModelAdmin):
     show_full_result_count = False
     inlines = [AttemptInline]
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
-
     @admin.display(description="tokens")
     def tokens(self, entry: LedgerEntry) -> int:
         return entry.total_tokens
@@ -378,9 +336,9 @@ class LedgerEntryAdmin(admin.ModelAdmin):
             context["totals"] = {
                 "requests": totals.requests,
                 "tokens": totals.tokens,
-                "cost_usd": plain_usd(totals.cost_usd),
-                "list_cost_usd": plain_usd(totals.list_cost_usd),
-                "savings_usd": plain_usd(totals.savings_usd),
+                "cost_usd": plain_amount(totals.cost_usd),
+                "list_cost_usd": plain_amount(totals.list_cost_usd),
+                "savings_usd": plain_amount(totals.savings_usd),
             }
             context["export_query"] = request.GET.urlencode()
         return response
@@ -408,7 +366,7 @@ def _csv_lines(rows) -> Iterator[str]:
 
 
 @admin.register(DailyUsage)
-class DailyUsageAdmin(admin.ModelAdmin):
+class DailyUsageAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = (
         "day",
         "api_key",
@@ -426,12 +384,3 @@ class DailyUsageAdmin(admin.ModelAdmin):
     list_select_related = ("api_key", "provider", "upstream_key__provider")
     date_hierarchy = "day"
     search_fields = ("requested_model",)
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False

@@ -5,8 +5,6 @@ Upstream secrets are write-only here: a form takes a new one, pages show only ``
 
 from __future__ import annotations
 
-from decimal import Decimal
-
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
@@ -14,15 +12,21 @@ from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Q
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.loader import render_to_string
-from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.text import Truncator
 from django.views.decorators.http import require_POST
 
-from billing.currency import UnknownCurrency, load_rates, to_usd, usd_per_unit
-from keyaos.admin_format import relative_time
+from billing.currency import UnknownCurrency, load_rates, usd_per_unit
+from keyaos.admin_format import exact_amount, plain_amount, relative_time, usd_pair
+from keyaos.admin_mixins import (
+    AddFormMixin,
+    EnableActionsMixin,
+    LatestRowsInline,
+    ReadOnlyAdminMixin,
+    ReadOnlyInline,
+)
 from providers import services
 from providers.crypto import SecretDecryptionError
 from providers.models import (
@@ -36,17 +40,8 @@ from providers.models import (
     UpstreamKey,
 )
 from providers.presets import PRESETS
-from providers.signals import bump_snapshot_version
 
 PRICE_FIELDS = ("input_price_per_mtok", "output_price_per_mtok", "cached_input_price_per_mtok")
-
-
-def plain_amount(value: Decimal | None, min_places: int = 2) -> str:
-    """``2.0000000000`` as ``2.00``, ``0.0000001800`` as ``0.00000018``: no E-notation."""
-    if value is None:
-        return "-"
-    whole, _, fraction = f"{value:f}".partition(".")
-    return f"{whole}.{fraction.rstrip('0').ljust(min_places, '0')}"
 
 
 # Providers
@@ -111,7 +106,7 @@ class ProviderAddForm(forms.ModelForm):
 
 
 @admin.register(Provider)
-class ProviderAdmin(admin.ModelAdmin):
+class ProviderAdmin(AddFormMixin, admin.ModelAdmin):
     add_form = ProviderAddForm
     add_form_template = "admin/providers/provider/add_form.html"
     list_display = (
@@ -162,22 +157,6 @@ class ProviderAdmin(admin.ModelAdmin):
     @admin.display(description="keys", ordering="key_total")
     def key_count(self, provider: Provider) -> int:
         return provider.key_total
-
-    def get_form(self, request: HttpRequest, obj=None, change=False, **kwargs):
-        if obj is None:
-            kwargs["form"] = self.add_form
-        return super().get_form(request, obj, change=change, **kwargs)
-
-    def get_fieldsets(self, request: HttpRequest, obj=None):
-        if obj is None:
-            return ((None, {"fields": ProviderAddForm.Meta.fields}),)
-        return super().get_fieldsets(request, obj)
-
-    def get_readonly_fields(self, request: HttpRequest, obj=None):
-        return () if obj is None else self.readonly_fields
-
-    def get_inlines(self, request: HttpRequest, obj):
-        return self.inlines if obj is not None else []
 
     def get_changeform_initial_data(self, request: HttpRequest) -> dict:
         initial = super().get_changeform_initial_data(request)
@@ -289,29 +268,18 @@ def health_badge(key: UpstreamKey) -> str:
     return render_to_string("admin/keyaos/health_badge.html", {"key": key})
 
 
-class BalanceReadingInline(admin.TabularInline):
+class BalanceReadingInline(LatestRowsInline):
     """The provider's figure next to the local count at each refresh: the drift."""
 
     model = BalanceReading
+    parent_field = "key"
     fields = ("read_at", "provider_balance", "local_balance", "drift")
-    readonly_fields = fields
     ordering = ("-read_at", "-id")
-    can_delete = False
-    extra = 0
-    max_num = 0
     verbose_name_plural = "recent balance readings"
-
-    def get_queryset(self, request: HttpRequest):
-        queryset = super().get_queryset(request)
-        key_id = request.resolver_match.kwargs.get("object_id") if request.resolver_match else None
-        if key_id is None:
-            return queryset
-        recent = queryset.filter(key_id=key_id).order_by("-read_at", "-id")[:20]
-        return queryset.filter(pk__in=list(recent.values_list("pk", flat=True)))
 
 
 @admin.register(UpstreamKey)
-class UpstreamKeyAdmin(admin.ModelAdmin):
+class UpstreamKeyAdmin(AddFormMixin, EnableActionsMixin, admin.ModelAdmin):
     class Media:
         css = {"all": ["keyaos/dashboard.css"]}  # the health badges
 
@@ -346,7 +314,8 @@ class UpstreamKeyAdmin(admin.ModelAdmin):
         "created_at",
         "spend_last_30_days",
     )
-    actions = ["validate_keys", "refresh_balances", "enable_keys", "disable_keys"]
+    actions = ["validate_keys", "refresh_balances", *EnableActionsMixin.actions]
+    enabled_noun = "key(s)"
 
     def get_queryset(self, request: HttpRequest):
         from django.db.models import OuterRef, Subquery
@@ -366,7 +335,7 @@ class UpstreamKeyAdmin(admin.ModelAdmin):
     def balance_with_currency(self, key: UpstreamKey) -> str:
         if key.balance is None:
             return "unknown"
-        return f"{plain_amount(key.balance)} {key.provider.currency}"
+        return exact_amount(key.balance, key.provider.currency)
 
     @admin.display(description="last drift")
     def last_drift(self, key: UpstreamKey) -> str:
@@ -401,14 +370,7 @@ class UpstreamKeyAdmin(admin.ModelAdmin):
             return "-"
         return relative_time(key.cooldown_until)
 
-    def get_form(self, request: HttpRequest, obj=None, change=False, **kwargs):
-        if obj is None:
-            kwargs["form"] = self.add_form
-        return super().get_form(request, obj, change=change, **kwargs)
-
     def get_fields(self, request: HttpRequest, obj=None):
-        if obj is None:
-            return UpstreamKeyAddForm.Meta.fields
         return (
             ("provider", "label"),
             ("secret_masked", "secret"),
@@ -420,9 +382,6 @@ class UpstreamKeyAdmin(admin.ModelAdmin):
             "created_at",
             "spend_last_30_days",
         )
-
-    def get_readonly_fields(self, request: HttpRequest, obj=None):
-        return () if obj is None else self.readonly_fields
 
     def save_model(self, request: HttpRequest, obj: UpstreamKey, form, change: bool) -> None:
         if not change:
@@ -466,7 +425,7 @@ class UpstreamKeyAdmin(admin.ModelAdmin):
             if balance is None:
                 manual.append(str(key))
             else:
-                refreshed.append(f"{key}: {plain_amount(balance)} {key.provider.currency}")
+                refreshed.append(f"{key}: {exact_amount(balance, key.provider.currency)}")
         summary = f"Refreshed the balance of {len(refreshed)} key(s)"
         if refreshed:
             summary += f" ({'; '.join(refreshed)})"
@@ -478,47 +437,16 @@ class UpstreamKeyAdmin(admin.ModelAdmin):
             summary += f"; {len(failed)} failed ({'; '.join(failed)})"
         self.message_user(request, summary + ".", messages.WARNING if failed else messages.SUCCESS)
 
-    @admin.action(description="Enable the selected keys")
-    def enable_keys(self, request: HttpRequest, queryset) -> None:
-        count = queryset.update(enabled=True)
-        bump_snapshot_version()
-        self.message_user(request, f"Enabled {count} key(s).")
-
-    @admin.action(description="Disable the selected keys")
-    def disable_keys(self, request: HttpRequest, queryset) -> None:
-        count = queryset.update(enabled=False)
-        bump_snapshot_version()
-        self.message_user(request, f"Disabled {count} key(s).")
-
 
 # Model catalog
 
 
-class PriceHistoryInline(admin.TabularInline):
+class PriceHistoryInline(LatestRowsInline):
     model = PriceHistory
+    parent_field = "offer"
     fields = ("recorded_at", *PRICE_FIELDS)
-    readonly_fields = fields
     ordering = ("-recorded_at",)
-    can_delete = False
-    extra = 0
-    max_num = 0
-    limit = 20
-    verbose_name_plural = f"price history (latest {limit})"
-
-    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
-
-    def get_queryset(self, request: HttpRequest):
-        queryset = super().get_queryset(request)
-        match = request.resolver_match
-        offer_id = match.kwargs.get("object_id") if match else None
-        if offer_id is None:
-            return queryset.none()
-        latest = queryset.filter(offer_id=offer_id).order_by("-recorded_at")[: self.limit]
-        return queryset.filter(pk__in=list(latest.values_list("pk", flat=True)))
+    verbose_name_plural = f"price history (latest {LatestRowsInline.limit})"
 
 
 class OfferChangeList(ChangeList):
@@ -632,8 +560,8 @@ class ModelOfferAdmin(admin.ModelAdmin):
         return self._price(offer.cached_input_price_per_mtok, offer)
 
     @staticmethod
-    def _price(price: Decimal | None, offer: ModelOffer) -> str:
-        return "-" if price is None else f"{plain_amount(price)} {offer.currency}"
+    def _price(price, offer: ModelOffer) -> str:
+        return exact_amount(price, offer.currency)
 
     @admin.display(description="USD in / out per 1M")
     def usd_price(self, offer: ModelOffer) -> str:
@@ -642,7 +570,7 @@ class ModelOfferAdmin(admin.ModelAdmin):
 
     @admin.display(description="compare")
     def compare_link(self, offer: ModelOffer) -> str:
-        url = reverse("admin:providers_modeloffer_compare", args=[offer.canonical_id])
+        url = reverse("admin:model", args=[offer.canonical_id])
         return format_html('<a href="{}">all providers</a>', url)
 
     def get_urls(self):
@@ -651,11 +579,6 @@ class ModelOfferAdmin(admin.ModelAdmin):
                 "refresh/",
                 self.admin_site.admin_view(require_POST(self.refresh_view)),
                 name="providers_modeloffer_refresh",
-            ),
-            path(
-                "compare/<path:canonical_id>/",
-                self.admin_site.admin_view(self.compare_view),
-                name="providers_modeloffer_compare",
             ),
             *super().get_urls(),
         ]
@@ -666,55 +589,13 @@ class ModelOfferAdmin(admin.ModelAdmin):
         from providers.refresh import refresh_providers
 
         run = refresh_providers(trigger=RefreshRun.Trigger.ADMIN)
-        results = list(run.results.all())
-        summary = (
-            f"Refreshed {len(results)} provider(s) in {run.duration_ms or 0} ms: "
-            f"{sum(r.added for r in results)} offer(s) added, "
-            f"{sum(r.updated for r in results)} updated, "
-            f"{sum(r.deactivated for r in results)} deactivated, "
-            f"{sum(r.balances_updated for r in results)} balance(s) read."
-        )
-        self.message_user(request, summary, messages.SUCCESS)
-        for result in results:
+        self.message_user(request, run.summary(), messages.SUCCESS)
+        for result in run.results.all():
             if result.error:
                 self.message_user(
                     request, f"{result.provider_slug}: {result.error}", messages.ERROR
                 )
         return HttpResponseRedirect(reverse("admin:providers_modeloffer_changelist"))
-
-    def compare_view(self, request: HttpRequest, canonical_id: str) -> HttpResponse:
-        if not self.has_view_permission(request):
-            raise PermissionDenied
-        offers = list(
-            ModelOffer.objects.filter(canonical_id=canonical_id)
-            .select_related("provider")
-            .order_by("-active", "provider__slug")
-        )
-        rates = load_rates()
-        rows = [
-            {
-                "offer": offer,
-                "change_url": reverse("admin:providers_modeloffer_change", args=[offer.pk]),
-                "input": self._price(offer.input_price_per_mtok, offer),
-                "output": self._price(offer.output_price_per_mtok, offer),
-                "cached_input": self._price(offer.cached_input_price_per_mtok, offer),
-                "usd": usd_pair(offer, rates),
-            }
-            for offer in offers
-        ]
-        from keyaos.dashboard import model_page
-
-        context = {
-            **self.admin_site.each_context(request),
-            "opts": self.opts,
-            "title": f"Offers for {canonical_id}",
-            "canonical_id": canonical_id,
-            "rows": rows,
-            "keys": model_page.serving_keys(offers),
-            "route": model_page.route_pick(canonical_id),
-            "price_charts": model_page.price_history_charts(offers, rates),
-        }
-        return TemplateResponse(request, "admin/providers/modeloffer/compare.html", context)
 
     def save_model(self, request: HttpRequest, obj: ModelOffer, form, change: bool) -> None:
         if not obj.canonical_id:
@@ -728,23 +609,10 @@ class ModelOfferAdmin(admin.ModelAdmin):
             obj.record_price()
 
 
-def usd_pair(offer: ModelOffer, rates) -> str:
-    if not offer.has_prices:
-        return "-"
-    try:
-        prices = [
-            to_usd(price, offer.currency, rates)
-            for price in (offer.input_price_per_mtok, offer.output_price_per_mtok)
-        ]
-    except UnknownCurrency:
-        return f"no {offer.currency} rate"
-    return " / ".join(f"${plain_amount(price.quantize(Decimal('0.000001')))}" for price in prices)
-
-
 # Refresh runs
 
 
-class RefreshResultInline(admin.TabularInline):
+class RefreshResultInline(ReadOnlyInline):
     model = RefreshResult
     fields = (
         "provider_slug",
@@ -756,20 +624,11 @@ class RefreshResultInline(admin.TabularInline):
         "duration_ms",
         "error",
     )
-    readonly_fields = fields
-    can_delete = False
-    extra = 0
-    max_num = 0
-
-    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
 
 
 @admin.register(RefreshRun)
-class RefreshRunAdmin(admin.ModelAdmin):
+class RefreshRunAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    allow_delete = True
     list_display = ("started", "trigger", "duration_ms", "error_count", "is_ok")
     list_filter = ("trigger",)
     date_hierarchy = "started_at"
@@ -784,9 +643,3 @@ class RefreshRunAdmin(admin.ModelAdmin):
     @admin.display(description="ok", boolean=True)
     def is_ok(self, run: RefreshRun) -> bool:
         return run.ok
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False

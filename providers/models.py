@@ -433,6 +433,17 @@ class RefreshRun(models.Model):
     def ok(self) -> bool:
         return self.duration_ms is not None and self.error_count == 0
 
+    def summary(self) -> str:
+        """One sentence for the admin button and ``manage.py refresh_models``."""
+        results = list(self.results.all())
+        return (
+            f"Refreshed {len(results)} provider(s) in {self.duration_ms or 0} ms: "
+            f"{sum(r.added for r in results)} offer(s) added, "
+            f"{sum(r.updated for r in results)} updated, "
+            f"{sum(r.deactivated for r in results)} deactivated, "
+            f"{sum(r.balances_updated for r in results)} balance(s) read."
+        )
+
 
 class RefreshResult(models.Model):
     """What one refresh run did for one provider."""

@@ -296,12 +296,12 @@ class TestUpstreamKeyAdmin:
         second = services.add_upstream_key(provider=openrouter, secret=SECRET_B)
         url = reverse("admin:providers_upstreamkey_changelist")
 
-        response = admin_client.post(url, select("disable_keys", first, second), follow=True)
+        response = admin_client.post(url, select("disable_selected", first, second), follow=True)
 
         assert "Disabled 2 key(s)." in messages_of(response)
         assert not UpstreamKey.objects.filter(enabled=True).exists()
 
-        response = admin_client.post(url, select("enable_keys", first), follow=True)
+        response = admin_client.post(url, select("enable_selected", first), follow=True)
 
         assert "Enabled 1 key(s)." in messages_of(response)
         assert list(UpstreamKey.objects.filter(enabled=True)) == [first]
@@ -440,7 +440,7 @@ class TestModelOfferAdmin:
         assert "Refresh models now" in response.content.decode()
 
     def test_the_compare_page_lists_every_provider_offering_a_model(self, admin_client, catalog):
-        url = reverse("admin:providers_modeloffer_compare", args=["deepseek/deepseek-chat"])
+        url = reverse("admin:model", args=["deepseek/deepseek-chat"])
 
         response = admin_client.get(url)
 
@@ -455,7 +455,7 @@ class TestModelOfferAdmin:
     def test_each_offer_row_links_to_the_compare_page(self, admin_client, catalog):
         response = admin_client.get(reverse("admin:providers_modeloffer_changelist"))
 
-        url = reverse("admin:providers_modeloffer_compare", args=["deepseek/deepseek-chat"])
+        url = reverse("admin:model", args=["deepseek/deepseek-chat"])
         assert url in response.content.decode()
 
     def test_editing_a_price_in_the_admin_makes_it_manual_and_records_it(

@@ -313,7 +313,7 @@ def test_the_dashboard_and_a_model_page_render_in_a_real_browser(
     screenshot(browser, tmp_path / "dashboard-dark.png")
     set_colour_scheme(browser, "light")
 
-    browser.get(f"{admin_server}/admin/providers/modeloffer/compare/{MODEL}/")
+    browser.get(f"{admin_server}/admin/models/{MODEL}/")
     assert len(browser.find_elements(By.CSS_SELECTOR, "svg.kc-chart polyline.kc-line")) == 6
     route = browser.find_element(By.ID, "route").text
     assert "It would send a request of 1,000 prompt" in route

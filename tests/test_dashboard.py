@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from billing.models import CurrencyRate, DailyUsage, LedgerEntry
 from keyaos.dashboard.figures import day_start
-from keyaos.dashboard.pages import format_usd
+from keyaos.admin_format import format_usd
 from providers.models import ModelOffer, RefreshResult, RefreshRun, UpstreamKey
 from tests.factories import make_key, make_offer, make_provider
 

@@ -58,7 +58,7 @@ def model():
 
 
 def page(admin_client, canonical_id: str):
-    return admin_client.get(reverse("admin:providers_modeloffer_compare", args=[canonical_id]))
+    return admin_client.get(reverse("admin:model", args=[canonical_id]))
 
 
 def test_every_offer_shows_its_native_id_and_price_in_its_currency_and_in_usd(admin_client, model):

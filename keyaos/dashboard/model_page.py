@@ -7,15 +7,52 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 
-from billing.currency import UnknownCurrency, to_usd
+from billing.currency import UnknownCurrency, load_rates, to_usd
+from keyaos.admin_format import exact_amount, format_amount, format_usd, usd_pair
 from keyaos.dashboard.charts import Chart, step_line_chart
-from keyaos.dashboard.pages import format_amount, format_usd
 from providers.models import ModelOffer, PriceHistory, UpstreamKey
 from routing.dispatcher import AmbiguousModel, ModelNotFound
 from routing.explain import RouteExplanation, explain_route
+
+
+def model_page(request: HttpRequest, site, canonical_id: str) -> HttpResponse:
+    """Every offer of ``canonical_id``, the keys behind them, the dispatcher's pick and prices."""
+    if not request.user.has_perm("providers.view_modeloffer"):
+        raise PermissionDenied
+    offers = list(
+        ModelOffer.objects.filter(canonical_id=canonical_id)
+        .select_related("provider")
+        .order_by("-active", "provider__slug")
+    )
+    rates = load_rates()
+    rows = [
+        {
+            "offer": offer,
+            "change_url": reverse("admin:providers_modeloffer_change", args=[offer.pk]),
+            "input": exact_amount(offer.input_price_per_mtok, offer.currency),
+            "output": exact_amount(offer.output_price_per_mtok, offer.currency),
+            "cached_input": exact_amount(offer.cached_input_price_per_mtok, offer.currency),
+            "usd": usd_pair(offer, rates),
+        }
+        for offer in offers
+    ]
+    context = {
+        **site.each_context(request),
+        "opts": ModelOffer._meta,
+        "title": f"Offers for {canonical_id}",
+        "canonical_id": canonical_id,
+        "rows": rows,
+        "keys": serving_keys(offers),
+        "route": route_pick(canonical_id),
+        "price_charts": price_history_charts(offers, rates),
+    }
+    return TemplateResponse(request, "admin/keyaos/model_page.html", context)
 
 
 @dataclass(frozen=True)

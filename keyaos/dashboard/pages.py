@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest
 from django.urls import reverse
 from django.utils import timezone
 
+from keyaos.admin_format import format_amount, format_usd
 from keyaos.dashboard.charts import (
     BarRow,
     Chart,
@@ -18,25 +19,6 @@ from keyaos.dashboard.charts import (
     stacked_bar_chart,
 )
 from keyaos.dashboard.figures import Dashboard, build_dashboard, low_balance_usd
-
-
-def format_usd(value: Decimal | int) -> str:
-    """$1,234.57 for dollars; up to four significant digits below a cent ($0.00181)."""
-    value = Decimal(value)
-    sign = "-" if value < 0 else ""
-    value = abs(value)
-    if value >= Decimal("0.01") or value == 0:
-        return f"{sign}${value.quantize(Decimal('0.01'), ROUND_HALF_UP):,}"
-    places = min(-value.adjusted() + 3, 10)
-    return f"{sign}${value.quantize(Decimal(1).scaleb(-places), ROUND_HALF_UP).normalize():f}"
-
-
-def format_amount(value: Decimal, currency: str) -> str:
-    return f"{value.quantize(Decimal('0.01'), ROUND_HALF_UP):,} {currency}"
-
-
-def axis_usd(value: Decimal) -> str:
-    return "$" + compact_number(value.quantize(Decimal("0.01")) if value < 1000 else value)
 
 
 def spend_chart(dashboard: Dashboard) -> Chart:
@@ -111,16 +93,3 @@ def index_context(request: HttpRequest) -> dict:
             for status in dashboard.keys_needing_attention
         ],
     }
-
-
-def install_dashboard_index(site) -> None:
-    """Make ``site``'s index page (admin/index.html) the dashboard; call before ``site.urls``."""
-    plain_index = site.index
-
-    def index(request: HttpRequest, extra_context: dict | None = None) -> HttpResponse:
-        context = dict(extra_context or {})
-        if request.user.has_perm("billing.view_ledgerentry"):
-            context = {**index_context(request), **context}
-        return plain_index(request, context)
-
-    site.index = index

@@ -45,9 +45,7 @@ class Command(BaseCommand):
                 f"{run.error_count} of {refreshed} provider(s) failed; their offers were left "
                 "as they were."
             )
-        self.stdout.write(
-            self.style.SUCCESS(f"Refreshed {refreshed} provider(s) in {run.duration_ms} ms.")
-        )
+        self.stdout.write(self.style.SUCCESS(run.summary()))
 
     def report(self, result: RefreshResult) -> None:
         line = describe(result)
