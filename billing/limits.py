@@ -24,6 +24,7 @@ from django.core.cache.backends.locmem import LocMemCache
 from django.utils import timezone
 
 from billing.models import ApiKey, budget_period_start
+from keyaos.lib.errors import GatewayError
 
 NANOS_PER_USD = Decimal(1_000_000_000)
 WINDOW_S = 60
@@ -34,24 +35,8 @@ MONTH = ApiKey.BudgetPeriod.MONTH
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class LimitExceeded(Exception):
-    """A request the key's limits refuse: ``status``, OpenAI error ``code`` and ``type``."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        code: str,
-        type: str = "invalid_request_error",
-        retry_after_s: int | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.type = type
-        self.retry_after_s = retry_after_s
+class LimitExceeded(GatewayError):
+    """A request the key's limits refuse."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible ``/v1`` API: thin async views over the proxy and the snapshot."""
+"""The ``/v1`` API: thin async views that raise; errors are rendered in the path's protocol."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ import time
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from ninja import NinjaAPI
 
-from billing.limits import LimitExceeded
-from billing.models import LedgerEntry
-from routing.auth import access_denial, authenticate, limit_error
+from routing.auth import authenticate, check_access
 from routing.catalog import list_models, model_entry
-from routing.proxy import Proxy, error_response, refuse
-from routing.requests import GatewayError, parse_client_request
+from routing.errors import GatewayError, internal_error
+from routing.failover import Exchange
+from routing.protocols import Front, front_for_path, openai
 from routing.runtime import runtime
-from routing.snapshot import ClientKey, Snapshot
+from routing.snapshot import ClientKey
 
 api = NinjaAPI(
     title="Keyaos",
@@ -25,50 +24,73 @@ api = NinjaAPI(
 )
 
 
-async def _proxy(request: HttpRequest, endpoint: str) -> HttpResponse:
+@api.exception_handler(GatewayError)
+def gateway_error(request: HttpRequest, error: GatewayError) -> HttpResponse:
+    return front_for_path(request.path).error_response(error)
+
+
+async def serve(request: HttpRequest, front: Front) -> HttpResponse:
+    """Any protocol's request: authenticated, recorded from here on, forwarded, translated."""
     # routing.asgi stamps the request when its first byte arrives; fall back for other servers.
     started = getattr(request, "started", None) or time.perf_counter()
     gateway = await runtime.ready()
+    client = authenticate(request, gateway.snapshot)
+    exchange = Exchange(
+        gateway,
+        client,
+        endpoint=front.endpoint,
+        request_id=request_id(request),
+        started=started,
+    )
     try:
-        client = authenticate(request, gateway.snapshot)
+        _begin(exchange, request, front)
+        answer = await exchange.forward()
+        if exchange.request.stream:
+            return exchange.stream_response(answer, front)
+        return await exchange.json_response(answer, front)
     except GatewayError as error:
-        return error_response(error)
-    denial = access_denial(request, client)
+        raise exchange.fail(error) from None
+    except Exception:
+        exchange.fail(internal_error())
+        raise
+    except BaseException:
+        exchange.abandon()
+        raise
+
+
+def _begin(exchange: Exchange, request: HttpRequest, front: Front) -> None:
+    """Read the body; a key that may not call now is told so even when the body is wrong."""
     try:
-        # routing.asgi read the body already, refusing one over KEYAOS_MAX_BODY_BYTES.
-        client_request = parse_client_request(endpoint, request.body)
-    except GatewayError as error:
-        if denial is None:
-            return error_response(error)
-        return refuse(gateway, client, endpoint, denial, started=started)
-    proxy = Proxy(gateway, client_request, client=client, started=started)
-    if denial is not None:
-        return proxy.fail(denial, LedgerEntry.Outcome.CLIENT_ERROR)
-    return await proxy.respond()
+        exchange.begin(front.parse(request.body))  # routing.asgi read it, within the size limit
+    except GatewayError:
+        check_access(request, exchange.client)
+        raise
+    check_access(request, exchange.client)
+
+
+def request_id(request: HttpRequest) -> str:
+    return request.request_id  # set by routing.asgi for every /v1 request
 
 
 @api.post("/chat/completions", include_in_schema=False)
 async def chat_completions(request: HttpRequest) -> HttpResponse:
-    return await _proxy(request, "chat/completions")
+    return await serve(request, openai.CHAT)
 
 
 @api.post("/completions", include_in_schema=False)
 async def completions(request: HttpRequest) -> HttpResponse:
-    return await _proxy(request, "completions")
+    return await serve(request, openai.COMPLETIONS)
 
 
 @api.post("/embeddings", include_in_schema=False)
 async def embeddings(request: HttpRequest) -> HttpResponse:
-    return await _proxy(request, "embeddings")
+    return await serve(request, openai.EMBEDDINGS)
 
 
 @api.get("/models", include_in_schema=False)
 async def models(request: HttpRequest) -> HttpResponse:
     gateway = await runtime.ready()
-    try:
-        client = _allowed_client(request, gateway.snapshot)
-    except GatewayError as error:
-        return error_response(error)
+    client = _allowed_client(request)
     entries = list_models(gateway.snapshot, gateway.board)
     if client.limits is not None:
         entries = [entry for entry in entries if client.limits.allows_model(entry["id"])]
@@ -78,21 +100,14 @@ async def models(request: HttpRequest) -> HttpResponse:
 @api.get("/models/{path:model}", include_in_schema=False)
 async def model(request: HttpRequest, model: str) -> HttpResponse:
     gateway = await runtime.ready()
-    try:
-        client = _allowed_client(request, gateway.snapshot)
-        entry = model_entry(gateway.snapshot, gateway.board, model)
-        if client.limits is not None:
-            client.limits.check_model(model, entry["id"])
-        return JsonResponse(entry)
-    except LimitExceeded as refusal:
-        return error_response(limit_error(refusal))
-    except GatewayError as error:
-        return error_response(error)
+    client = _allowed_client(request)
+    entry = model_entry(gateway.snapshot, gateway.board, model)
+    if client.limits is not None:
+        client.limits.check_model(model, entry["id"])
+    return JsonResponse(entry)
 
 
-def _allowed_client(request: HttpRequest, snapshot: Snapshot) -> ClientKey:
-    client = authenticate(request, snapshot)
-    denial = access_denial(request, client)
-    if denial is not None:
-        raise denial
+def _allowed_client(request: HttpRequest) -> ClientKey:
+    client = authenticate(request, runtime.snapshot)
+    check_access(request, client)
     return client

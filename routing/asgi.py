@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import time
 
 from django.conf import settings
@@ -21,8 +22,9 @@ from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.urls import Resolver404, resolve
 
-from routing.proxy import error_response
-from routing.requests import GatewayError, body_too_large
+from routing import errors
+from routing.errors import GatewayError
+from routing.protocols import front_for_path
 
 logger = logging.getLogger("keyaos.gateway")
 
@@ -36,35 +38,48 @@ class BodyTooLarge(Exception):
 class GatewayApplication:
     async def __call__(self, scope, receive, send) -> None:
         started = time.perf_counter()
+        request_id = new_request_id()
         try:
             body = await _read_body(receive, settings.KEYAOS_MAX_BODY_BYTES)
         except BodyTooLarge:
-            await _send_response(error_response(body_too_large()), send, receive)
+            response = front_for_path(scope["path"]).error_response(errors.body_too_large())
+            await _send_response(response, request_id, send, receive)
             return
         except _Disconnected:
             return
         request = ASGIRequest(scope, io.BytesIO(body))
         request.started = started
+        request.request_id = request_id
         response = await self.get_response(request)
-        await _send_response(response, send, receive)
+        await _send_response(response, request_id, send, receive)
 
     async def get_response(self, request: HttpRequest) -> HttpResponse:
+        """The view's answer; errors (the views' GatewayErrors and the rest) in the path's
+        protocol."""
         try:
             match = resolve(request.path_info)
         except Resolver404:
-            return error_response(_error_for(request, 404))
+            return _error_response(request, errors.unknown_endpoint(request.method, request.path))
         try:
             response = await match.func(request, *match.args, **match.kwargs)
-        except GatewayError as error:
-            return error_response(error)
+        except GatewayError as error:  # raised outside django-ninja's exception handler
+            return _error_response(request, error)
         except Exception:
             logger.exception("unhandled error on %s %s", request.method, request.path)
-            return error_response(_error_for(request, 500))
+            return _error_response(request, errors.internal_error())
         if response.status_code >= 400 and not response.get("Content-Type", "").startswith(
             _JSON_TYPES
         ):
-            return error_response(_error_for(request, response.status_code, response))
+            return _error_response(request, _error_for(request, response))
         return response
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(16).hex()
+
+
+def _error_response(request: HttpRequest, error: GatewayError) -> HttpResponse:
+    return front_for_path(request.path).error_response(error)
 
 
 class _Disconnected(Exception):
@@ -87,7 +102,9 @@ async def _read_body(receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-async def _send_response(response: HttpResponse, send, receive) -> None:
+async def _send_response(response: HttpResponse, request_id: str, send, receive) -> None:
+    if "x-request-id" not in response:
+        response["x-request-id"] = request_id
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.items()]
     if not response.streaming:
         content = response.content
@@ -120,23 +137,13 @@ async def _wait_for_disconnect(receive) -> None:
         pass
 
 
-def _error_for(
-    request: HttpRequest, status: int, response: HttpResponse | None = None
-) -> GatewayError:
+def _error_for(request: HttpRequest, response: HttpResponse) -> GatewayError:
+    """A non-JSON error answer from below the views (django-ninja's 404 and 405)."""
+    status = response.status_code
     if status == 404:
-        return GatewayError(
-            404, f"Unknown endpoint: {request.method} {request.path}", code="unknown_url"
-        )
+        return errors.unknown_endpoint(request.method, request.path)
     if status == 405:
-        allow = response.get("Allow", "") if response is not None else ""
-        return GatewayError(
-            405,
-            f"Method {request.method} is not allowed on {request.path}.",
-            code="method_not_allowed",
-            headers={"Allow": allow},
-        )
+        return errors.method_not_allowed(request.method, request.path, response.get("Allow", ""))
     if status >= 500:
-        return GatewayError(
-            500, "Internal gateway error.", type="server_error", code="internal_error"
-        )
-    return GatewayError(status, f"The request was rejected ({status}).")
+        return errors.internal_error()
+    return errors.rejected(status)

@@ -13,9 +13,8 @@ import hmac
 from django.conf import settings
 from django.http import HttpRequest
 
-from billing.limits import LimitExceeded
 from billing.models import hash_api_key
-from routing.requests import GatewayError
+from routing.errors import invalid_api_key, missing_api_key
 from routing.snapshot import ClientKey, Snapshot
 
 ADMIN_TOKEN_CLIENT = ClientKey(id=0, name="KEYAOS_ADMIN_TOKEN")
@@ -30,20 +29,16 @@ def presented_key(request: HttpRequest) -> str:
 
 
 def authenticate(request: HttpRequest, snapshot: Snapshot) -> ClientKey:
-    """The client key presented, or GatewayError 401. Expiry and IPs: ``access_denial``."""
+    """The client key presented, or GatewayError 401. Expiry and IPs: ``check_access``."""
     plain = presented_key(request)
     if not plain:
-        raise GatewayError(
-            401,
-            "Missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'.",
-            code="missing_api_key",
-        )
+        raise missing_api_key()
     admin_token = settings.KEYAOS_ADMIN_TOKEN
     if admin_token and hmac.compare_digest(plain.encode(), admin_token.encode()):
         return ADMIN_TOKEN_CLIENT
     client = snapshot.client_keys.get(hash_api_key(plain))
     if client is None:
-        raise GatewayError(401, "Invalid API key.", code="invalid_api_key")
+        raise invalid_api_key()
     return client
 
 
@@ -51,21 +46,7 @@ def client_ip(request: HttpRequest) -> str | None:
     return request.META.get("REMOTE_ADDR") or None
 
 
-def access_denial(request: HttpRequest, client: ClientKey) -> GatewayError | None:
-    """Why this known key may not call now from this address (expired, IP), or None."""
-    if client.limits is None:
-        return None
-    try:
+def check_access(request: HttpRequest, client: ClientKey) -> None:
+    """Raise LimitExceeded when this known key may not call now from this address."""
+    if client.limits is not None:
         client.limits.check_access(client_ip(request))
-    except LimitExceeded as refusal:
-        return limit_error(refusal)
-    return None
-
-
-def limit_error(refusal: LimitExceeded) -> GatewayError:
-    headers = {}
-    if refusal.retry_after_s is not None:
-        headers["Retry-After"] = str(refusal.retry_after_s)
-    return GatewayError(
-        refusal.status, refusal.message, type=refusal.type, code=refusal.code, headers=headers
-    )

@@ -7,8 +7,8 @@ from typing import Any
 
 from billing.currency import UnknownCurrency, to_usd
 from routing.dispatcher import AmbiguousModel, ModelNotFound, resolve_model
+from routing.errors import model_not_found
 from routing.health import HealthBoard
-from routing.requests import GatewayError
 from routing.snapshot import OfferInfo, Snapshot
 
 
@@ -23,9 +23,7 @@ def model_entry(snapshot: Snapshot, board: HealthBoard, requested: str) -> dict[
     except (ModelNotFound, AmbiguousModel):
         entry = None
     if entry is None:
-        raise GatewayError(
-            404, f"The model {requested!r} does not exist.", code="model_not_found", param="model"
-        )
+        raise model_not_found(requested)
     return entry
 
 

@@ -1,4 +1,4 @@
-"""Reading a client's request: just enough of the body to route it, with OpenAI-format errors."""
+"""Reading a client's request: just enough of the body to route it."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from django.conf import settings
 
 from billing.usage import estimate_text_tokens
 from routing.dispatcher import ProviderPreferences
+from routing.errors import GatewayError, body_too_large
 
 # endpoint -> (offer kind, body field holding the prompt)
 ENDPOINTS = {
@@ -17,38 +18,6 @@ ENDPOINTS = {
     "completions": ("chat", "prompt"),
     "embeddings": ("embedding", "input"),
 }
-
-
-class GatewayError(Exception):
-    """An error answered to the client in the OpenAI format."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.code = code
-        self.param = param
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
 
 
 @dataclass
@@ -108,14 +77,6 @@ def parse_client_request(endpoint: str, raw: bytes) -> ClientRequest:
         else max_tokens or settings.KEYAOS_DEFAULT_MAX_TOKENS,
         preferences=preferences,
         added_usage_option=added_usage_option,
-    )
-
-
-def body_too_large() -> GatewayError:
-    return GatewayError(
-        413,
-        f"The request body is larger than {settings.KEYAOS_MAX_BODY_BYTES} bytes.",
-        code="request_too_large",
     )
 
 

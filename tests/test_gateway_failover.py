@@ -6,7 +6,7 @@ import openai
 import pytest
 
 from billing.models import Attempt, LedgerEntry
-from providers.models import UpstreamKey
+from providers.models import Provider, UpstreamKey
 from tests.factories import make_client_key, make_key, make_offer, make_provider
 from tests.fake_upstream import Reply, chat_completion
 
@@ -179,3 +179,20 @@ def test_an_upstream_that_echoes_the_secret_never_shows_it(two_providers, gatewa
     cheap_key.refresh_from_db()
     assert secret not in cheap_key.last_error
     assert secret not in "".join(Attempt.objects.values_list("error", flat=True))
+
+
+def test_when_every_candidate_times_out_the_client_gets_a_504(
+    two_providers, gateway, fake_upstream
+):
+    _, client = two_providers
+    Provider.objects.filter(slug="dear").update(read_timeout_s=1.0)
+    gateway.reload()
+    slow = Reply(status=200, json_body={}, delay_s=3)
+    fake_upstream.handle("POST", CHEAP, lambda _request: slow)
+    fake_upstream.handle("POST", DEAR, lambda _request: slow)
+    with pytest.raises(openai.APIStatusError) as error:
+        ask(client)
+    assert error.value.status_code == 504
+    assert error.value.response.json()["error"]["code"] == "upstream_failed"
+    gateway.flush_ledger()
+    assert LedgerEntry.objects.get().outcome == "upstream_error"

@@ -64,7 +64,7 @@ def post(gateway, key, content, headers=None):
         ),
     ],
 )
-def test_bad_bodies_get_an_openai_error_and_the_gateway_keeps_serving(
+def test_bad_bodies_get_an_openai_error_a_ledger_row_and_the_gateway_keeps_serving(
     client_key, gateway, body, status, param
 ):
     response = post(gateway, client_key, body)
@@ -72,6 +72,11 @@ def test_bad_bodies_get_an_openai_error_and_the_gateway_keeps_serving(
     error = response.json()["error"]
     assert error["message"] and error["type"] == "invalid_request_error"
     assert error["param"] == param
+    gateway.flush_ledger()
+    entry = LedgerEntry.objects.get(request_id=response.headers["x-request-id"])
+    assert (entry.outcome, entry.status_code) == ("client_error", status)
+    assert entry.endpoint == "chat/completions" and entry.api_key_id is not None
+    assert entry.error == error["message"]
     ok = post(
         gateway,
         client_key,
@@ -133,3 +138,32 @@ def test_create_api_key_prints_the_key_last_and_stores_only_its_hash(gateway):
     gateway.reload()
     response = httpx.get(gateway.url + "/models", headers={"Authorization": f"Bearer {plain}"})
     assert response.status_code == 200
+
+
+def test_every_v1_answer_carries_a_request_id(client_key, gateway, settings):
+    settings.KEYAOS_MAX_BODY_BYTES = 2048
+    answers = [
+        httpx.get(gateway.url + "/models"),
+        httpx.get(gateway.url + "/models", headers={"Authorization": "Bearer sk-keyaos-wrong"}),
+        httpx.post(gateway.url + "/chat/completions", content=b"{}"),
+        httpx.post(gateway.url + "/nowhere", content=b"{}"),
+        httpx.get(gateway.url + "/chat/completions"),
+        post(gateway, client_key, b"x" * 4096),
+        post(gateway, client_key, b"{not json"),
+        post(
+            gateway,
+            client_key,
+            b'{"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}',
+        ),
+    ]
+    assert [answer.status_code for answer in answers] == [401, 401, 401, 404, 405, 413, 400, 200]
+    ids = [answer.headers.get("x-request-id", "") for answer in answers]
+    assert all(request_id.startswith("req_") for request_id in ids), ids
+    assert len(set(ids)) == len(ids)
+
+
+def test_a_request_refused_before_authentication_leaves_no_ledger_row(client_key, gateway):
+    response = httpx.post(gateway.url + "/chat/completions", content=b"{not json")
+    assert response.status_code == 401
+    gateway.flush_ledger()
+    assert not LedgerEntry.objects.exists()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from routing.proxy import StreamReader
+from routing.sse import StreamReader
 
 
 def event(payload: dict | str, newline: str = "\n") -> bytes:

@@ -1,0 +1,440 @@
+"""One ``/v1`` request's way through the gateway, the same for every client protocol.
+
+``Exchange`` resolves the model, applies the key's limits, runs the failover loop over the ranked
+candidates and relays the answer through the protocol's translation (``routing.protocols``). Each
+attempt ends in an ``Answer`` (an open upstream response) or a typed ``AttemptFailure``; before
+the first byte reaches the client any failure moves on to the next candidate, after it a stream
+ends with the protocol's error event. The request's ledger record is written in one place,
+``Exchange.finish``, however the request ends.
+
+Per-attempt hooks: ``_admit`` (limits, once, before the first attempt), ``_attempted`` (every
+attempt's end: its record and the key's health) and ``finish`` (the request's end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+import httpx
+from django.conf import settings
+from django.http import HttpResponse, StreamingHttpResponse
+
+from billing.currency import usd_per_unit
+from billing.limits import Reservation, admit, persisted_spend, settle
+from billing.models import LedgerEntry
+from billing.recorder import AttemptRecord, RequestRecord
+from billing.usage import Usage, estimate_usage
+from keyaos.db import db_task
+from routing.dispatcher import (
+    AmbiguousModel,
+    Candidate,
+    Decision,
+    ModelNotFound,
+    rank_candidates,
+    resolve_model,
+)
+from routing.errors import (
+    AttemptFailure,
+    GatewayError,
+    UpstreamRefused,
+    UpstreamUnavailable,
+    all_attempts_failed,
+    ambiguous_model,
+    answer_dropped,
+    model_not_found,
+    no_available_key,
+    stream_interrupted,
+)
+from routing.failures import Failure, classify, redact, retry_after_seconds, upstream_message
+from routing.requests import ClientRequest
+from routing.runtime import Runtime
+from routing.snapshot import ClientKey
+
+if TYPE_CHECKING:
+    from routing.protocols import Front, StreamTranslator
+
+Outcome = LedgerEntry.Outcome
+USER_AGENT = "Keyaos"
+
+
+@dataclass
+class Answer:
+    """An upstream's accepted answer, still open: its body is relayed by the protocol."""
+
+    candidate: Candidate
+    response: httpx.Response
+
+
+class Exchange:
+    """One client request on its way through the gateway, from authentication to its record."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        client: ClientKey,
+        *,
+        endpoint: str,
+        request_id: str,
+        started: float,
+    ) -> None:
+        self.runtime = runtime
+        self.client = client
+        self.started = started
+        self.request: ClientRequest | None = None
+        self.overhead_ms: float | None = None
+        self.reservation: Reservation | None = None
+        self.chosen: Candidate | None = None
+        self.finished = False
+        self.record = RequestRecord(
+            request_id=request_id,
+            api_key_id=client.id or None,
+            requested_model="",
+            endpoint=endpoint,
+            streamed=False,
+            outcome=Outcome.UPSTREAM_ERROR,
+            status_code=502,
+            budget_period=client.budget_period,
+        )
+
+    @property
+    def request_id(self) -> str:
+        return self.record.request_id
+
+    def begin(self, request: ClientRequest) -> None:
+        self.request = request
+        self.record.requested_model = request.model
+        self.record.streamed = request.stream
+
+    async def forward(self) -> Answer:
+        """The first candidate's answer, or a GatewayError for the client."""
+        decision = self._decide()
+        self._check_model(decision)
+        if not decision.candidates:
+            raise no_available_key(
+                decision.model,
+                [f"{e.provider_slug} {e.key_name}: {e.reason}" for e in decision.excluded],
+            )
+        await self._admit(decision.candidates[0])
+        failures: list[AttemptFailure] = []
+        for candidate in decision.candidates[: settings.KEYAOS_MAX_ATTEMPTS]:
+            result = await self._attempt(candidate)
+            if isinstance(result, Answer):
+                return result
+            if result.failure == Failure.CLIENT:
+                self._choose(candidate)
+                raise UpstreamRefused(result)
+            failures.append(result)
+        raise all_attempts_failed(failures)
+
+    def fail(self, error: GatewayError) -> GatewayError:
+        """Record a request that ends with ``error``; returns it with the exchange's headers."""
+        upstream = isinstance(error, UpstreamUnavailable)
+        outcome = Outcome.UPSTREAM_ERROR if upstream else Outcome.CLIENT_ERROR
+        self.finish(outcome, status=error.status, error=error.message)
+        error.headers.update(self.headers())
+        return error
+
+    def abandon(self) -> None:
+        """The client left before an answer: nothing to record, the reservation is released."""
+        if not self.finished:
+            self._settle(cost_usd=Decimal(0), tokens=0)
+
+    def finish(
+        self, outcome: str, *, status: int, error: str = "", usage: Usage | None = None
+    ) -> None:
+        """The one place a request's record is completed and handed to the ledger."""
+        if self.finished:
+            return
+        self.finished = True
+        record = self.record
+        record.outcome = outcome
+        record.status_code = status
+        record.error = error
+        if usage is not None:
+            record.usage = usage
+        record.latency_ms = _ms_since(self.started)
+        record.overhead_ms = self.overhead_ms
+        self.runtime.ledger.submit(record)
+        if self.reservation is not None:
+            cost = record.cost()
+            self._settle(
+                cost_usd=cost.cost_usd if cost is not None else Decimal(0),
+                tokens=record.usage.total_tokens,
+            )
+
+    def headers(self) -> dict[str, str]:
+        headers = {"x-keyaos-attempts": str(len(self.record.attempts))}
+        if self.chosen is not None:
+            headers["x-keyaos-provider"] = self.chosen.provider.slug
+            headers["x-keyaos-key"] = self.chosen.key.name
+            if self.overhead_ms is not None:
+                headers["x-keyaos-overhead-ms"] = f"{self.overhead_ms:.3f}"
+        return headers
+
+    async def json_response(self, answer: Answer, front: Front) -> HttpResponse:
+        response = answer.response
+        try:
+            content = await response.aread()
+        except httpx.HTTPError as error:
+            await response.aclose()
+            refusal = answer_dropped(answer.candidate.provider.slug, error)
+            self._blame(answer.candidate, Failure.TRANSIENT, refusal.message)
+            raise refusal from None
+        self.record.ttfb_ms = _ms_since(self.started)
+        content, usage, completion_chars = front.read_json(content)
+        self.finish(
+            Outcome.OK,
+            status=response.status_code,
+            usage=usage or self._estimated_usage(completion_chars),
+        )
+        return self._with_headers(
+            HttpResponse(
+                content,
+                status=response.status_code,
+                content_type=response.headers.get("content-type", "application/json"),
+            )
+        )
+
+    def stream_response(self, answer: Answer, front: Front) -> HttpResponse:
+        response = answer.response
+        self.record.status_code = response.status_code
+        streamed = StreamingHttpResponse(
+            self._relay(answer, front),
+            status=response.status_code,
+            content_type=response.headers.get("content-type", "text/event-stream"),
+        )
+        streamed["Cache-Control"] = "no-cache"
+        streamed["X-Accel-Buffering"] = "no"
+        return self._with_headers(streamed)
+
+    async def _relay(self, answer: Answer, front: Front) -> AsyncIterator[bytes]:
+        candidate, response = answer.candidate, answer.response
+        reader: StreamTranslator = front.stream_translator(self.request)
+        outcome = Outcome.OK
+        error = ""
+        try:
+            async for chunk in response.aiter_raw():
+                if self.record.ttfb_ms is None:
+                    self.record.ttfb_ms = _ms_since(self.started)
+                forward = reader.feed(chunk)
+                if forward:
+                    yield forward
+            tail = reader.close()
+            if tail:
+                yield tail
+            if reader.error:
+                outcome = Outcome.STREAM_FAILED
+                error = redact(reader.error, candidate.key.secret)
+        except (asyncio.CancelledError, GeneratorExit):
+            # A client that hangs up right after the end of the stream got the whole answer.
+            outcome = Outcome.OK if reader.done else Outcome.DISCONNECTED
+            raise
+        except httpx.HTTPError as failure:
+            outcome = Outcome.STREAM_FAILED
+            interrupted = stream_interrupted(
+                f"{candidate.provider.slug} failed mid-stream: {type(failure).__name__}"
+            )
+            error = interrupted.message
+            self._blame(candidate, Failure.TRANSIENT, error)
+            yield reader.fail(interrupted, self.request_id)
+        finally:
+            # Record first: closing the upstream may wait, and the record must not.
+            self.finish(
+                outcome,
+                status=response.status_code,
+                error=error,
+                usage=reader.usage or self._estimated_usage(reader.text_chars),
+            )
+            await asyncio.shield(response.aclose())
+
+    def _decide(self) -> Decision:
+        snapshot = self.runtime.snapshot
+        try:
+            model = resolve_model(snapshot, self.request.model)
+        except ModelNotFound:
+            raise model_not_found(self.request.model) from None
+        except AmbiguousModel as error:
+            raise ambiguous_model(str(error)) from None
+        return rank_candidates(
+            snapshot,
+            model,
+            board=self.runtime.board,
+            prompt_tokens=self.request.prompt_tokens,
+            output_tokens=self.request.output_tokens,
+            kind=self.request.kind,
+            preferences=self.request.preferences,
+        )
+
+    def _check_model(self, decision: Decision) -> None:
+        if self.client.limits is not None:
+            self.client.limits.check_model(self.request.model, decision.model)
+
+    async def _admit(self, top: Candidate) -> None:
+        """Count the request against the key's rates and reserve its estimated cost."""
+        limits = self.client.limits
+        if limits is None or not limits.metered:
+            return
+        self.reservation = await admit(
+            limits,
+            estimated_cost_usd=top.estimated_cost_usd,
+            estimated_tokens=self.request.prompt_tokens,
+            load_spent=db_task(persisted_spend),
+        )
+
+    def _settle(self, *, cost_usd: Decimal, tokens: int) -> None:
+        if self.reservation is not None and not self.reservation.settled:
+            self.runtime.spawn(settle(self.reservation, cost_usd=cost_usd, tokens=tokens))
+
+    async def _attempt(self, candidate: Candidate) -> Answer | AttemptFailure:
+        offer, key = candidate.offer, candidate.key
+        provider = offer.provider
+        request = self.request
+        headers = {
+            **provider.auth_headers(key.secret),
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream" if request.stream else "application/json",
+            # Bytes are relayed as they come: a compressed answer would reach the client unread.
+            "Accept-Encoding": "identity",
+            "X-Request-Id": self.request_id,
+            "User-Agent": USER_AGENT,
+        }
+        # Built directly rather than by the client: merging its defaults and parsing the URL
+        # took a third of the gateway's own time on the way out.
+        upstream = httpx.Request(
+            "POST",
+            provider.request_url(request.endpoint),
+            content=request.upstream_body(offer.upstream_model_id),
+            headers=headers,
+            extensions={"timeout": provider.timeouts},
+        )
+        attempt_started = time.perf_counter()
+        if self.overhead_ms is None:
+            self.overhead_ms = (attempt_started - self.started) * 1000
+        try:
+            response = await self.runtime.client.send(upstream, stream=True)
+        except httpx.TimeoutException:
+            failure = AttemptFailure(
+                Failure.TRANSIENT,
+                None,
+                f"{provider.slug} timed out before answering",
+                timed_out=True,
+            )
+            return self._attempted(candidate, attempt_started, failure)
+        except httpx.HTTPError as error:
+            message = f"{provider.slug} could not be reached: {type(error).__name__}"
+            failure = AttemptFailure(Failure.TRANSIENT, None, message)
+            return self._attempted(candidate, attempt_started, failure)
+        failure = await self._check_answer(response, candidate)
+        if failure is not None:
+            await response.aclose()
+            return self._attempted(candidate, attempt_started, failure)
+        self._attempted(candidate, attempt_started, None, status=response.status_code)
+        self._choose(candidate)
+        return Answer(candidate, response)
+
+    def _attempted(
+        self,
+        candidate: Candidate,
+        attempt_started: float,
+        failure: AttemptFailure | None,
+        *,
+        status: int | None = None,
+    ) -> AttemptFailure | None:
+        """An attempt ended: its record, and what it tells about the key's health."""
+        self.record.attempts.append(
+            AttemptRecord(
+                provider_id=candidate.provider.id,
+                upstream_key_id=candidate.key.id,
+                upstream_model=candidate.offer.upstream_model_id,
+                status_code=failure.status if failure is not None else status,
+                failure=failure.failure.value if failure is not None else "",
+                error=failure.message if failure is not None else "",
+                duration_ms=_ms_since(attempt_started),
+            )
+        )
+        if failure is None:
+            self.runtime.board.record_success(candidate.key)
+        elif failure.failure != Failure.CLIENT:
+            self._blame(candidate, failure.failure, failure.message, failure.retry_after_s)
+        return failure
+
+    async def _check_answer(
+        self, response: httpx.Response, candidate: Candidate
+    ) -> AttemptFailure | None:
+        content_type = response.headers.get("content-type", "")
+        if response.is_success:
+            expected = "text/event-stream" if self.request.stream else "application/json"
+            if expected in content_type:
+                return None
+            await _read_some(response)
+            return AttemptFailure(
+                Failure.TRANSIENT,
+                response.status_code,
+                f"{candidate.provider.slug} answered {response.status_code} with "
+                f"{content_type or 'no content type'} instead of {expected}",
+            )
+        body = await _read_some(response)
+        message = redact(upstream_message(body), candidate.key.secret)
+        return AttemptFailure(
+            classify(response.status_code, message),
+            response.status_code,
+            message,
+            retry_after_seconds(response.headers.get("retry-after")),
+            body=body,
+            content_type=content_type or "application/json",
+        )
+
+    def _blame(
+        self,
+        candidate: Candidate,
+        failure: Failure,
+        message: str,
+        retry_after_s: float | None = None,
+    ) -> None:
+        """Out of this process's routing at once; shared and persisted in the background."""
+        board = self.runtime.board
+        outcome = board.note_failure(candidate.key, failure, retry_after_s)
+        if outcome is not None:
+            self.runtime.spawn(board.share_failure(candidate.key, outcome, message))
+
+    def _choose(self, candidate: Candidate) -> None:
+        self.chosen = candidate
+        offer = candidate.offer
+        record = self.record
+        record.provider_id = offer.provider.id
+        record.upstream_key_id = candidate.key.id
+        record.upstream_model = offer.upstream_model_id
+        record.prices = offer.prices
+        record.multiplier = candidate.key.multiplier
+        record.usd_per_unit = usd_per_unit(offer.prices.currency, self.runtime.snapshot.rates)
+
+    def _estimated_usage(self, completion_chars: int) -> Usage:
+        return estimate_usage(
+            prompt_tokens=self.request.prompt_tokens, completion_chars=completion_chars
+        )
+
+    def _with_headers(self, response: HttpResponse) -> HttpResponse:
+        for name, value in self.headers().items():
+            response[name] = value
+        return response
+
+
+async def _read_some(response: httpx.Response, limit: int = 65536) -> bytes:
+    body = b""
+    try:
+        async for chunk in response.aiter_raw():
+            body += chunk
+            if len(body) >= limit:
+                break
+    except httpx.HTTPError:
+        pass
+    return body[:limit]
+
+
+def _ms_since(started: float) -> int:
+    return int((time.perf_counter() - started) * 1000)
