@@ -226,3 +226,7 @@ KEYAOS_MAX_COOLDOWN_S = env_float("KEYAOS_MAX_COOLDOWN_S", 300.0)
 KEYAOS_RATE_LIMIT_COOLDOWN_S = env_float("KEYAOS_RATE_LIMIT_COOLDOWN_S", 30.0)
 DATA_UPLOAD_MAX_MEMORY_SIZE = KEYAOS_MAX_BODY_BYTES
 KEYAOS_LOW_BALANCE_USD = env_decimal("KEYAOS_LOW_BALANCE_USD", "1")
+# Where published model ids come from when no OpenRouter provider is configured; "" turns it off.
+KEYAOS_IDENTITY_SOURCE_URL = env_str(
+    "KEYAOS_IDENTITY_SOURCE_URL", "https://openrouter.ai/api/v1/models"
+)

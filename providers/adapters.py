@@ -68,6 +68,8 @@ class CatalogEntry:
     cached_input_price_per_mtok: Decimal | None = None
     context_length: int | None = None
     price_tiers: dict = field(default_factory=dict)
+    hugging_face_id: str = ""  # OpenRouter: the id open-weight deployments use, "" if closed
+    canonical_slug: str = ""  # OpenRouter: the model's permanent slug
 
     @property
     def has_prices(self) -> bool:
@@ -300,6 +302,8 @@ class OpenRouterCatalog(CatalogAdapter):
             output_price_per_mtok=self.price(pricing, "completion", model_id),
             cached_input_price_per_mtok=self.price(pricing, "input_cache_read", model_id),
             context_length=_context_length(item.get("context_length"), f"{model_id} context"),
+            hugging_face_id=_text(item.get("hugging_face_id"), MAX_MODEL_ID_LENGTH),
+            canonical_slug=_text(item.get("canonical_slug"), MAX_MODEL_ID_LENGTH),
         )
 
     @staticmethod
@@ -527,3 +531,13 @@ def check_key(
     if "html" in response.headers.get("content-type", "").lower():
         return KeyCheckResult(False, status, f"{method} {url}: answered an HTML page, not JSON")
     return KeyCheckResult(True, status, f"{method} {url}: key accepted")
+
+
+def fetch_public_catalog(url: str, *, client: httpx.Client | None = None) -> list[CatalogEntry]:
+    """OpenRouter's public model list (no key): the identity source when no OpenRouter
+    provider is configured."""
+    with _client_or_new(client) as http:
+        payload = request_json(http, "GET", url)
+    return ADAPTERS[Provider.CatalogFormat.OPENROUTER].parse_listing(
+        payload, kind=CHAT, provider=None, where=url
+    )

@@ -29,6 +29,7 @@ from keyaos.admin_mixins import (
 )
 from providers import services
 from providers.crypto import SecretDecryptionError
+from providers.identity import settle_identity
 from providers.models import (
     BalanceReading,
     ModelAlias,
@@ -478,7 +479,10 @@ class ModelOfferForm(forms.ModelForm):
         super().__init__(*args, **kwargs)
         if "canonical_id" in self.fields:
             self.fields["canonical_id"].required = False
-            self.fields["canonical_id"].help_text = "Empty: derived from the native id."
+            self.fields["canonical_id"].help_text = (
+                "Empty: derived from the native id by the identity rules. A different id typed "
+                "here becomes the provider's mapping for this native id."
+            )
 
     def clean(self) -> dict:
         data = super().clean()
@@ -497,6 +501,7 @@ class ModelOfferAdmin(admin.ModelAdmin):
         "canonical_id",
         "provider",
         "upstream_model_id",
+        "identity",
         "kind",
         "input_price",
         "output_price",
@@ -507,10 +512,16 @@ class ModelOfferAdmin(admin.ModelAdmin):
         "context_length",
         "compare_link",
     )
-    list_filter = ("provider", "active", "kind", "price_source")
+    list_filter = ("provider", "active", "kind", "price_source", "identity_rule")
     list_select_related = ("provider",)
     search_fields = ("canonical_id", "upstream_model_id", "display_name")
-    readonly_fields = ("price_source", "first_seen_at", "last_refreshed_at")
+    readonly_fields = (
+        "price_source",
+        "first_seen_at",
+        "last_refreshed_at",
+        "identity_rule",
+        "identity_note",
+    )
     fieldsets = (
         (
             None,
@@ -519,6 +530,8 @@ class ModelOfferAdmin(admin.ModelAdmin):
                     "provider",
                     "upstream_model_id",
                     "canonical_id",
+                    "identity_rule",
+                    "identity_note",
                     "display_name",
                     "kind",
                     "active",
@@ -563,6 +576,13 @@ class ModelOfferAdmin(admin.ModelAdmin):
     def _price(price, offer: ModelOffer) -> str:
         return exact_amount(price, offer.currency)
 
+    @admin.display(description="identity", ordering="identity_rule")
+    def identity(self, offer: ModelOffer) -> str:
+        label = offer.get_identity_rule_display()
+        if offer.identity_note:
+            return format_html("<strong>{}</strong>: {}", label, offer.identity_note)
+        return label
+
     @admin.display(description="USD in / out per 1M")
     def usd_price(self, offer: ModelOffer) -> str:
         rates = getattr(offer, "page_rates", None) or load_rates()
@@ -598,13 +618,13 @@ class ModelOfferAdmin(admin.ModelAdmin):
         return HttpResponseRedirect(reverse("admin:providers_modeloffer_changelist"))
 
     def save_model(self, request: HttpRequest, obj: ModelOffer, form, change: bool) -> None:
-        if not obj.canonical_id:
-            aliases = dict(obj.provider.aliases.values_list("upstream_model_id", "canonical_id"))
-            obj.canonical_id = obj.provider.canonical_id(obj.upstream_model_id, aliases)
+        chosen = obj.canonical_id if "canonical_id" in form.changed_data else ""
+        obj.canonical_id = obj.canonical_id or obj.upstream_model_id.lower()
         price_changed = not change or any(name in form.changed_data for name in PRICE_FIELDS)
         if price_changed:
             obj.price_source = ModelOffer.PriceSource.MANUAL
         super().save_model(request, obj, form, change)
+        settle_identity(obj, chosen_canonical_id=chosen)
         if price_changed:
             obj.record_price()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -104,14 +105,48 @@ class Provider(UpstreamEndpoint, models.Model):
     def __str__(self) -> str:
         return self.name or self.slug
 
-    def canonical_id(self, upstream_model_id: str, aliases: dict[str, str] | None = None) -> str:
+    def canonical_id(
+        self,
+        upstream_model_id: str,
+        aliases: dict[str, str] | None = None,
+        published: dict[str, set[str]] | None = None,
+    ) -> str:
         """The OpenRouter-style ``vendor/model`` id that a native id serves."""
+        return self.identify(upstream_model_id, aliases, published).canonical_id
+
+    def identify(
+        self,
+        upstream_model_id: str,
+        aliases: dict[str, str] | None = None,
+        published: dict[str, set[str]] | None = None,
+    ) -> Identity:
+        """Which canonical model a native id serves, and by which rule, in this order: the
+        operator's mapping; an id published by the identity source (OpenRouter's
+        ``hugging_face_id`` or ``canonical_slug``, case-insensitive); the provider's default
+        vendor; lowercasing. Two canonical ids claiming one native id are a conflict: it is
+        reported, and the next rules decide."""
+        Rule = ModelOffer.IdentityRule
         if aliases and upstream_model_id in aliases:
-            return aliases[upstream_model_id]
+            return Identity(aliases[upstream_model_id], Rule.MAPPING)
         lowered = upstream_model_id.strip().lower()
+        claims = sorted((published or {}).get(lowered, ()))
+        if len(claims) == 1 and claims[0] != lowered:
+            return Identity(claims[0], Rule.PUBLISHED)
         if "/" not in lowered and self.default_vendor:
-            return f"{self.default_vendor.lower()}/{lowered}"
-        return lowered
+            fallback = Identity(f"{self.default_vendor.lower()}/{lowered}", Rule.VENDOR)
+        else:
+            fallback = Identity(lowered, Rule.LOWERCASE)
+        if len(claims) > 1:
+            note = f"published for {', '.join(claims)}; add a mapping to choose"
+            return Identity(fallback.canonical_id, Rule.CONFLICT, note)
+        return fallback
+
+
+@dataclass(frozen=True)
+class Identity:
+    canonical_id: str
+    rule: str
+    note: str = ""
 
 
 class Health(models.TextChoices):
@@ -319,9 +354,23 @@ class ModelOffer(models.Model):
         CATALOG = "catalog", "Provider catalog"
         MANUAL = "manual", "Set by the operator"
 
+    class IdentityRule(models.TextChoices):
+        MAPPING = "mapping", "Operator's mapping"
+        PUBLISHED = "published", "Published id (OpenRouter's hugging_face_id or canonical_slug)"
+        VENDOR = "vendor", "Provider's default vendor"
+        LOWERCASE = "lowercase", "Native id, lowercased"
+        CONFLICT = "conflict", "Conflict: several canonical ids publish this id"
+
     provider = models.ForeignKey(Provider, on_delete=models.CASCADE, related_name="offers")
     upstream_model_id = models.CharField(max_length=200)
     canonical_id = models.CharField(max_length=200, db_index=True)
+    identity_rule = models.CharField(
+        max_length=10,
+        choices=IdentityRule.choices,
+        default=IdentityRule.LOWERCASE,
+        help_text="Which rule gave the canonical id.",
+    )
+    identity_note = models.CharField(max_length=300, blank=True)
     display_name = models.CharField(max_length=200, blank=True)
     kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.CHAT)
     input_price_per_mtok = models.DecimalField(**PRICE_DIGITS, null=True, blank=True)
@@ -410,6 +459,37 @@ class ModelAlias(models.Model):
     def save(self, *args, **kwargs) -> None:
         self.canonical_id = self.canonical_id.strip().lower()
         super().save(*args, **kwargs)
+
+
+class PublishedIdentity(models.Model):
+    """A native id (lowercased) that the identity source says a canonical model is served as.
+
+    From OpenRouter's catalog: each model's ``hugging_face_id`` (the id DeepInfra, Together and
+    vLLM use) and ``canonical_slug``. Replaced as a whole by each refresh that read the source.
+    """
+
+    native_id = models.CharField(max_length=200, db_index=True)
+    canonical_id = models.CharField(max_length=200)
+    source = models.CharField(max_length=300)
+    fetched_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["native_id", "canonical_id"], name="unique_published_identity"
+            )
+        ]
+        ordering = ["native_id", "canonical_id"]
+
+    def __str__(self) -> str:
+        return f"{self.native_id} -> {self.canonical_id}"
+
+    @classmethod
+    def as_map(cls) -> dict[str, set[str]]:
+        published: dict[str, set[str]] = {}
+        for native_id, canonical_id in cls.objects.values_list("native_id", "canonical_id"):
+            published.setdefault(native_id, set()).add(canonical_id)
+        return published
 
 
 class RefreshRun(models.Model):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -27,13 +28,17 @@ from providers.adapters import (
     check_key,
     fetch_balance,
     fetch_catalog,
+    fetch_public_catalog,
     new_client,
 )
 from providers.crypto import SecretDecryptionError
+from providers.identity import provider_aliases, published_ids, rekey_offers, store_published
 from providers.models import (
     BalanceReading,
+    Identity,
     ModelOffer,
     Provider,
+    PublishedIdentity,
     RefreshResult,
     RefreshRun,
     UpstreamKey,
@@ -44,6 +49,7 @@ from routing.failures import classify, health_after, redact
 logger = logging.getLogger(__name__)
 
 MAX_PARALLEL_FETCHES = 8
+IDENTITY_SOURCE_SLUG = "(model identities)"
 PRICE_FIELDS = ("input_price_per_mtok", "output_price_per_mtok", "cached_input_price_per_mtok")
 
 
@@ -95,14 +101,23 @@ def refresh_providers(
     run = RefreshRun.objects.create(trigger=trigger)
     started = time.monotonic()
     jobs = [_prepare(provider) for provider in providers]
-    if jobs:
-        with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_FETCHES, len(jobs))) as pool:
+    public_url = _public_identity_url(provider_slug)
+    if jobs or public_url:
+        with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_FETCHES, len(jobs) + 1)) as pool:
+            public = pool.submit(_fetch_public, public_url) if public_url else None
             futures = [pool.submit(_fetch, job) for job in jobs]
-            for job, future in zip(jobs, futures, strict=True):
-                result = _apply(run, job, future.result())
-                _log(result)
-                if progress is not None:
-                    progress(result)
+            fetched = [future.result() for future in futures]
+        results = [_apply_public(run, public_url, public.result())] if public else []
+        _store_provider_identities(jobs, fetched)
+        published = PublishedIdentity.as_map()
+        for job, each in zip(jobs, fetched, strict=True):
+            results.append(_apply(run, job, each, published))
+        if rekey_offers():
+            logger.info("refresh: offers re-keyed to new published model ids")
+        for result in results:
+            _log(result)
+            if progress is not None:
+                progress(result)
     run.duration_ms = _elapsed_ms(started)
     run.error_count = run.results.exclude(error="").count()
     run.save(update_fields=["duration_ms", "error_count"])
@@ -117,6 +132,60 @@ def _providers_to_refresh(slug: str | None) -> list[Provider]:
     except Provider.DoesNotExist:
         known = ", ".join(Provider.objects.values_list("slug", flat=True)) or "none yet"
         raise UnknownProvider(f"No provider with the slug {slug!r} (known: {known}).") from None
+
+
+def _public_identity_url(slug: str | None) -> str:
+    """OpenRouter's public list is read only by a full refresh, and only when no OpenRouter
+    provider is configured (its own catalog is the source then)."""
+    if slug is not None or not settings.KEYAOS_IDENTITY_SOURCE_URL:
+        return ""
+    configured = Provider.objects.filter(
+        enabled=True, catalog_format=Provider.CatalogFormat.OPENROUTER
+    )
+    return "" if configured.exists() else settings.KEYAOS_IDENTITY_SOURCE_URL
+
+
+def _fetch_public(url: str) -> _Fetched:
+    started = time.monotonic()
+    fetched = _Fetched()
+    try:
+        with new_client() as client:
+            fetched.entries = fetch_public_catalog(url, client=client)
+    except UpstreamError as exc:
+        fetched.errors.append(f"identity source: {exc}")
+    except Exception as exc:
+        logger.warning("refresh: the identity source raised %s", type(exc).__name__)
+        fetched.errors.append(f"identity source: unexpected {type(exc).__name__}")
+    fetched.duration_ms = _elapsed_ms(started)
+    return fetched
+
+
+def _apply_public(run: RefreshRun, url: str, fetched: _Fetched) -> RefreshResult:
+    """The public list's published ids are stored; its result row says how it went."""
+    error = "; ".join(fetched.errors)
+    if fetched.entries:
+        store_published(published_ids(fetched.entries), source=url)
+    elif not error:
+        error = "identity source: the list was empty; published ids left as they were"
+    return RefreshResult.objects.create(
+        run=run,
+        provider_slug=IDENTITY_SOURCE_SLUG,
+        offers_seen=len(fetched.entries or ()),
+        duration_ms=fetched.duration_ms,
+        error=error,
+    )
+
+
+def _store_provider_identities(jobs: list[_Job], fetched: list[_Fetched]) -> None:
+    """A refreshed OpenRouter provider's catalog is the identity source."""
+    sources = [
+        (job.provider.slug, each.entries)
+        for job, each in zip(jobs, fetched, strict=True)
+        if job.provider.catalog_format == Provider.CatalogFormat.OPENROUTER and each.entries
+    ]
+    if sources:
+        entries = [entry for _, each in sources for entry in each]
+        store_published(published_ids(entries), source=", ".join(slug for slug, _ in sources))
 
 
 def _prepare(provider: Provider) -> _Job:
@@ -183,7 +252,9 @@ def _guarded[T](
         return None, True
 
 
-def _apply(run: RefreshRun, job: _Job, fetched: _Fetched) -> RefreshResult:
+def _apply(
+    run: RefreshRun, job: _Job, fetched: _Fetched, published: dict[str, set[str]]
+) -> RefreshResult:
     started = time.monotonic()
     provider = job.provider
     result = RefreshResult(
@@ -198,7 +269,7 @@ def _apply(run: RefreshRun, job: _Job, fetched: _Fetched) -> RefreshResult:
         with transaction.atomic():
             changes = OfferChanges()
             if fetched.entries is not None:
-                changes = sync_offers(provider, fetched.entries, now=now)
+                changes = sync_offers(provider, fetched.entries, now=now, published=published)
             balances_updated = sum(
                 store_balance(key_id, balance, now=now)
                 for key_id, balance in fetched.balances.items()
@@ -218,27 +289,32 @@ def _apply(run: RefreshRun, job: _Job, fetched: _Fetched) -> RefreshResult:
 
 
 def sync_offers(
-    provider: Provider, entries: list[CatalogEntry], *, now: datetime | None = None
+    provider: Provider,
+    entries: list[CatalogEntry],
+    *,
+    now: datetime | None = None,
+    published: dict[str, set[str]] | None = None,
 ) -> OfferChanges:
     """Make the provider's offers match a catalog that was fetched successfully and is not empty.
 
-    New ids become offers, known ones are updated (canonical id re-applied from the aliases,
-    prices unless the operator set them), and active offers the catalog no longer lists are
-    deactivated. Every new or changed price gets a PriceHistory row.
+    New ids become offers, known ones are updated (identity re-applied from the mappings and
+    the published ids, prices unless the operator set them), and active offers the catalog no
+    longer lists are deactivated. Every new or changed price gets a PriceHistory row.
     """
     now = now or timezone.now()
-    aliases = dict(provider.aliases.values_list("upstream_model_id", "canonical_id"))
+    aliases = provider_aliases(provider)
+    published = PublishedIdentity.as_map() if published is None else published
     existing = {offer.upstream_model_id: offer for offer in provider.offers.all()}
     changes = OfferChanges()
     created, changed, repriced = [], [], []
     changed_fields: set[str] = set()
     for entry in entries:
-        canonical_id = provider.canonical_id(entry.upstream_model_id, aliases)
+        identity = provider.identify(entry.upstream_model_id, aliases, published)
         offer = existing.get(entry.upstream_model_id)
         if offer is None:
-            created.append(_new_offer(provider, entry, canonical_id, now))
+            created.append(_new_offer(provider, entry, identity, now))
             continue
-        fields, price_changed = _merge(offer, entry, canonical_id)
+        fields, price_changed = _merge(offer, entry, identity)
         if fields:
             changed.append(offer)
             changed_fields |= fields
@@ -269,12 +345,14 @@ def _has_any_price(offer: ModelOffer) -> bool:
 
 
 def _new_offer(
-    provider: Provider, entry: CatalogEntry, canonical_id: str, now: datetime
+    provider: Provider, entry: CatalogEntry, identity: Identity, now: datetime
 ) -> ModelOffer:
     return ModelOffer(
         provider=provider,
         upstream_model_id=entry.upstream_model_id,
-        canonical_id=canonical_id,
+        canonical_id=identity.canonical_id,
+        identity_rule=identity.rule,
+        identity_note=identity.note[:300],
         display_name=entry.display_name,
         kind=entry.kind,
         input_price_per_mtok=entry.input_price_per_mtok,
@@ -287,10 +365,16 @@ def _new_offer(
     )
 
 
-def _merge(offer: ModelOffer, entry: CatalogEntry, canonical_id: str) -> tuple[set[str], bool]:
+def _merge(offer: ModelOffer, entry: CatalogEntry, identity: Identity) -> tuple[set[str], bool]:
     """Copy what the catalog knows onto ``offer``; returns the changed fields and whether the
     price changed. A value the catalog lacks, and a price the operator set, stay as they are."""
-    wanted = {"canonical_id": canonical_id, "kind": entry.kind, "active": True}
+    wanted = {
+        "canonical_id": identity.canonical_id,
+        "identity_rule": identity.rule,
+        "identity_note": identity.note[:300],
+        "kind": entry.kind,
+        "active": True,
+    }
     if entry.display_name:
         wanted["display_name"] = entry.display_name
     if entry.context_length is not None:

@@ -17,7 +17,8 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from providers.crypto import reencrypt_secret, secret_fingerprint
-from providers.models import FRESH_HEALTH, ModelOffer, Provider, UpstreamKey
+from providers.identity import apply_identity, provider_aliases
+from providers.models import FRESH_HEALTH, ModelOffer, Provider, PublishedIdentity, UpstreamKey
 from providers.presets import PRESETS, ProviderPreset
 
 CUSTOM_PRESET = "openai-compatible"
@@ -123,10 +124,13 @@ def seed_prices(provider: Provider, preset: ProviderPreset) -> int:
     if seed["currency"] != provider.currency:
         return 0
     for row in seed["prices"]:
+        identity = provider.identify(row["model"], published=PublishedIdentity.as_map())
         offer = ModelOffer.objects.create(
             provider=provider,
             upstream_model_id=row["model"],
-            canonical_id=provider.canonical_id(row["model"]),
+            canonical_id=identity.canonical_id,
+            identity_rule=identity.rule,
+            identity_note=identity.note,
             input_price_per_mtok=Decimal(row["input"]),
             output_price_per_mtok=Decimal(row["output"]),
             cached_input_price_per_mtok=_optional_decimal(row.get("cached_input")),
@@ -223,7 +227,6 @@ def set_price(
     ]:
         if price is not None and (not price.is_finite() or price < 0):
             raise SetupError(f"{what} must be a non-negative number.")
-    aliases = dict(provider.aliases.values_list("upstream_model_id", "canonical_id"))
     offer = (
         ModelOffer.objects.select_for_update()
         .filter(provider=provider, upstream_model_id=model)
@@ -233,7 +236,7 @@ def set_price(
     if created:
         offer = ModelOffer(provider=provider, upstream_model_id=model)
     old_prices = offer.price_tuple()
-    offer.canonical_id = provider.canonical_id(model, aliases)
+    apply_identity(offer, provider, provider_aliases(provider), PublishedIdentity.as_map())
     offer.input_price_per_mtok = input_per_mtok
     offer.output_price_per_mtok = output_per_mtok
     offer.cached_input_price_per_mtok = cached_input_per_mtok

@@ -73,6 +73,7 @@ class OfferInfo:
     provider: ProviderInfo
     upstream_model_id: str
     canonical_id: str
+    identity_rule: str
     kind: str
     prices: Prices | None
     context_length: int | None
@@ -128,6 +129,7 @@ def build_snapshot() -> Snapshot:
             provider=providers[offer.provider_id],
             upstream_model_id=offer.upstream_model_id,
             canonical_id=offer.canonical_id,
+            identity_rule=offer.identity_rule,
             kind=offer.kind,
             prices=_prices(offer, providers[offer.provider_id].currency),
             context_length=offer.context_length,

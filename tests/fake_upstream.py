@@ -245,3 +245,56 @@ def chat_chunks(
             }
         )
     return sse(*payloads, done=done)
+
+
+# Catalogs in the providers' own id styles (PROVIDERS.md, PROTOCOLS.md "Model identity")
+
+
+def openrouter_model(
+    model_id: str,
+    *,
+    prompt: str = "0.000001",
+    completion: str = "0.000002",
+    cache_read: str | None = "0.0000001",
+    context_length: int = 128000,
+    hugging_face_id: str = "",
+    canonical_slug: str | None = None,
+) -> dict[str, Any]:
+    """One ``GET /models`` item as OpenRouter lists it: USD per token as strings, the permanent
+    ``canonical_slug``, and for open-weight models the ``hugging_face_id`` others serve it as."""
+    pricing = {"prompt": prompt, "completion": completion}
+    if cache_read is not None:
+        pricing["input_cache_read"] = cache_read
+    return {
+        "id": model_id,
+        "canonical_slug": model_id if canonical_slug is None else canonical_slug,
+        "hugging_face_id": hugging_face_id,
+        "name": model_id.split("/")[-1].title(),
+        "context_length": context_length,
+        "architecture": {"modality": "text->text"},
+        "pricing": pricing,
+    }
+
+
+def deepinfra_model(
+    model_id: str,
+    input_price: float = 0.5,
+    output_price: float = 1.5,
+    *,
+    cache_read: float | None = None,
+    context_length: int = 32768,
+) -> dict[str, Any]:
+    """One DeepInfra ``GET /models`` item: HuggingFace-cased id, USD per 1M tokens as numbers."""
+    pricing: dict[str, Any] = {"input_tokens": input_price, "output_tokens": output_price}
+    if cache_read is not None:
+        pricing["cache_read_tokens"] = cache_read
+    return {"id": model_id, "metadata": {"context_length": context_length, "pricing": pricing}}
+
+
+def serve_openrouter(fake: FakeUpstream, *models: dict[str, Any], prefix: str = "openrouter"):
+    fake.reply("GET", f"/{prefix}/models", json_body={"data": list(models)})
+    fake.reply("GET", f"/{prefix}/embeddings/models", json_body={"data": []})
+
+
+def serve_deepinfra(fake: FakeUpstream, *models: dict[str, Any], prefix: str = "deepinfra"):
+    fake.reply("GET", f"/{prefix}/models", json_body={"data": list(models)})

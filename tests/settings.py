@@ -21,3 +21,5 @@ STORAGES["staticfiles"] = {  # noqa: F405
 }
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 KEYAOS_SNAPSHOT_POLL_S = 0.1
+# Tests never reach the internet: a test that wants the public identity source points it at the fake.
+KEYAOS_IDENTITY_SOURCE_URL = ""
