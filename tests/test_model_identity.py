@@ -90,7 +90,9 @@ class TestTheRefreshPoolsOffers:
 
     def test_the_default_vendor_names_bare_ids(self, fake_upstream):
         deepseek = make_provider("deepseek", fake_upstream.url("deepseek"))
-        fake_upstream.reply("GET", "/deepseek/models", json_body={"data": [{"id": "deepseek-chat"}]})
+        fake_upstream.reply(
+            "GET", "/deepseek/models", json_body={"data": [{"id": "deepseek-chat"}]}
+        )
         refresh_providers(trigger="command")
         chat = deepseek.offers.get(upstream_model_id="deepseek-chat")
         assert (chat.canonical_id, chat.identity_rule) == ("deepseek/deepseek-chat", "vendor")
@@ -138,9 +140,7 @@ class TestTheRefreshPoolsOffers:
         mapping.delete()
         assert offer("deepinfra", LLAMA_HF).canonical_id == LLAMA
 
-    def test_a_canonical_id_typed_in_the_admin_becomes_a_mapping(
-        self, fake_upstream, admin_client
-    ):
+    def test_a_canonical_id_typed_in_the_admin_becomes_a_mapping(self, fake_upstream, admin_client):
         deepinfra = make_provider("deepinfra", fake_upstream.url("deepinfra"))
         deepinfra_catalog(fake_upstream)
         refresh_providers(trigger="command")
