@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import models
+from django.db import connection, models
+from django.db.models import Count, Q, Sum, Value
+from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
 from providers.models import MONEY_DIGITS, Provider, UpstreamKey, currency_validator
@@ -127,6 +129,47 @@ def budget_period_start(period: str, when: datetime) -> datetime | None:
     return None
 
 
+USAGE_SUMS = (
+    "requests",
+    "errors",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "list_cost_usd",
+)
+"""What ``usage_totals()`` of the ledger and of the daily rollups both return, beside the group."""
+
+USAGE_GROUP = ("day", "api_key", "provider", "upstream_key", "requested_model")
+"""The group key of a daily rollup: one DailyUsage row per value."""
+
+
+def _grouped(queryset: models.QuerySet, group_by: tuple[str, ...], sums: dict) -> list[dict]:
+    if not group_by:
+        return [queryset.order_by().aggregate(**sums)]
+    return list(queryset.order_by().values(*group_by).annotate(**sums))
+
+
+class LedgerQuerySet(models.QuerySet):
+    def usage_totals(self, *group_by: str, tz: tzinfo | None = None) -> list[dict]:
+        """Per group (``"day"``: the row's calendar day in ``tz``, default the current time
+        zone), the ``USAGE_SUMS`` of these rows; with no group, one dict for all of them."""
+        queryset = self
+        if "day" in group_by:
+            queryset = queryset.annotate(day=TruncDate("created_at", tzinfo=tz))
+        return _grouped(
+            queryset,
+            group_by,
+            {
+                "requests": Count("id"),
+                "errors": Count("id", filter=~Q(outcome=LedgerEntry.Outcome.OK)),
+                "prompt_tokens": Sum("prompt_tokens"),
+                "completion_tokens": Sum("completion_tokens"),
+                "cost_usd": Sum("cost_usd"),
+                "list_cost_usd": Sum("list_cost_usd"),
+            },
+        )
+
+
 class LedgerEntry(models.Model):
     """One row per client request: what was asked, who served it, and what it cost."""
 
@@ -175,6 +218,8 @@ class LedgerEntry(models.Model):
     overhead_ms = models.DecimalField(max_digits=10, decimal_places=3, null=True, blank=True)
     error = models.TextField(blank=True)
 
+    objects = LedgerQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created_at"]
         verbose_name = "ledger entry"
@@ -214,6 +259,45 @@ class Attempt(models.Model):
         return f"attempt {self.number} of {self.entry_id}"
 
 
+class DailyUsageQuerySet(models.QuerySet):
+    def usage_totals(self, *group_by: str, tz: tzinfo | None = None) -> list[dict]:
+        """The same keys as ``LedgerQuerySet.usage_totals`` (a rollup's day is already a day)."""
+        return _grouped(self, group_by, {name: Sum(name) for name in USAGE_SUMS})
+
+    def add(self, groups: list[dict]) -> None:
+        """Add each group's ``USAGE_SUMS`` to its rollup row (``USAGE_GROUP`` values, FKs by id),
+        creating the row when the group is new: one upsert per group."""
+        table = DailyUsage._meta.db_table
+        columns = [DailyUsage._meta.get_field(name).column for name in (*USAGE_GROUP, *USAGE_SUMS)]
+        sql = (
+            f"INSERT INTO {table} ({', '.join(columns)}) "
+            f"VALUES ({', '.join(['%s'] * len(columns))}) "
+            f"ON CONFLICT ({_CONFLICT_TARGET}) DO UPDATE SET "
+            + ", ".join(f"{name} = {table}.{name} + excluded.{name}" for name in USAGE_SUMS)
+        )
+        ops = connection.ops
+        rows = [
+            [ops.adapt_datefield_value(group["day"])]
+            + [group[name] for name in USAGE_GROUP[1:]]
+            + [group[name] or 0 for name in USAGE_SUMS]
+            for group in groups
+        ]
+        with connection.cursor() as cursor:
+            cursor.executemany(sql, rows)
+
+    def forget(self, field: str, pk: int) -> None:
+        """Fold the rollups of a deleted ``field`` object into the rows without one, so that
+        SET NULL cannot make two rows of one group."""
+        rows = list(self.filter(**{field: pk}).values(*USAGE_GROUP, *USAGE_SUMS))
+        if rows:
+            self.filter(**{field: pk}).delete()
+            self.add([{**row, field: None} for row in rows])
+
+
+def _unknown(field: str):
+    return Coalesce(field, Value(0), output_field=models.BigIntegerField())
+
+
 class DailyUsage(models.Model):
     """Daily totals per client key, provider, upstream key and model; outlive pruned rows."""
 
@@ -229,9 +313,29 @@ class DailyUsage(models.Model):
     cost_usd = models.DecimalField(**MONEY_DIGITS, default=Decimal("0"))
     list_cost_usd = models.DecimalField(**MONEY_DIGITS, default=Decimal("0"))
 
+    objects = DailyUsageQuerySet.as_manager()
+
     class Meta:
         ordering = ["-day"]
         verbose_name_plural = "daily usage"
+        constraints = [
+            # NULL (no client key, no provider) is a group of its own: coalesced to 0 here.
+            models.UniqueConstraint(
+                "day",
+                _unknown("api_key"),
+                _unknown("provider"),
+                _unknown("upstream_key"),
+                "requested_model",
+                name="one_daily_usage_per_group",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.day} {self.requested_model}"
+
+
+# The upsert's ON CONFLICT target: exactly the expressions of ``one_daily_usage_per_group``.
+_CONFLICT_TARGET = (
+    "day, (COALESCE(api_key_id, 0)), (COALESCE(provider_id, 0)), (COALESCE(upstream_key_id, 0)), "
+    "requested_model"
+)

@@ -6,21 +6,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from django.db import transaction
-from django.db.models import Count, F, Q, Sum
-from django.db.models.functions import TruncDate
 from django.utils import timezone
 
-from billing.models import Attempt, DailyUsage, LedgerEntry
-
-GROUP_FIELDS = ("day", "api_key_id", "provider_id", "upstream_key_id", "requested_model")
-SUM_FIELDS = (
-    "requests",
-    "errors",
-    "prompt_tokens",
-    "completion_tokens",
-    "cost_usd",
-    "list_cost_usd",
-)
+from billing.models import USAGE_GROUP, Attempt, DailyUsage, LedgerEntry
 
 
 @dataclass
@@ -56,41 +44,23 @@ def _prune_batch(result: PruneResult, batch_size: int) -> bool:
         )
         if not ids:
             return False
-        for group in _daily_groups(ids):
-            _add_to_daily_usage(group, result)
+        groups = LedgerEntry.objects.filter(id__in=ids).usage_totals(*USAGE_GROUP, tz=UTC)
+        existing = _existing_groups(groups)
+        DailyUsage.objects.add(groups)
+        result.days.update(group["day"] for group in groups)
+        result.groups_updated += len(existing)
+        result.groups_created += len(groups) - len(existing)
         _, deleted = LedgerEntry.objects.filter(id__in=ids).delete()
         result.attempts += deleted.get(Attempt._meta.label, 0)
         result.rows += len(ids)
     return True
 
 
-def _daily_groups(ids: list[int]):
-    return (
-        LedgerEntry.objects.filter(id__in=ids)
-        .annotate(day=TruncDate("created_at", tzinfo=UTC))
-        .order_by()
-        .values(*GROUP_FIELDS)
-        .annotate(
-            requests=Count("id"),
-            errors=Count("id", filter=~Q(outcome=LedgerEntry.Outcome.OK)),
-            prompt_tokens=Sum("prompt_tokens"),
-            completion_tokens=Sum("completion_tokens"),
-            cost_usd=Sum("cost_usd"),
-            list_cost_usd=Sum("list_cost_usd"),
-        )
-    )
-
-
-def _add_to_daily_usage(group: dict, result: PruneResult) -> None:
-    key = {name: group[name] for name in GROUP_FIELDS}
-    totals = {name: group[name] or 0 for name in SUM_FIELDS}
-    result.days.add(group["day"])
-    existing = DailyUsage.objects.select_for_update().filter(**key).order_by("id").first()
-    if existing is None:
-        DailyUsage.objects.create(**key, **totals)
-        result.groups_created += 1
-        return
-    DailyUsage.objects.filter(pk=existing.pk).update(
-        **{name: F(name) + value for name, value in totals.items()}
-    )
-    result.groups_updated += 1
+def _existing_groups(groups: list[dict]) -> set[tuple]:
+    """Which of ``groups`` already have a rollup row (for the counts the command prints)."""
+    rows = DailyUsage.objects.filter(
+        day__in={group["day"] for group in groups},
+        requested_model__in={group["requested_model"] for group in groups},
+    ).values_list(*USAGE_GROUP)
+    wanted = {tuple(group[name] for name in USAGE_GROUP) for group in groups}
+    return wanted & set(rows)

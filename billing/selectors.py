@@ -1,25 +1,44 @@
-"""Reads of the ledger that the admin and the commands share."""
+"""Reads of the ledger that the admin, the dashboard and the commands share."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 
-from django.db.models import Count, F, QuerySet, Sum
+from django.db.models import QuerySet
 from django.utils import timezone
 
-from billing.models import DailyUsage, LedgerEntry
+from billing.models import USAGE_SUMS, DailyUsage, LedgerEntry
 
 ZERO = Decimal(0)
 
 
+def day_start(day: date) -> datetime:
+    """Midnight of ``day`` in the current time zone."""
+    return timezone.make_aware(datetime.combine(day, time.min))
+
+
 @dataclass(frozen=True)
 class Totals:
-    requests: int
-    tokens: int
-    cost_usd: Decimal
-    list_cost_usd: Decimal
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: Decimal = ZERO
+    list_cost_usd: Decimal = ZERO
+
+    @classmethod
+    def of(cls, row: dict) -> Totals:
+        return cls(**{name: row[name] or getattr(cls, name) for name in USAGE_SUMS})
+
+    def __add__(self, other: Totals) -> Totals:
+        return Totals(*(getattr(self, name) + getattr(other, name) for name in USAGE_SUMS))
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
     @property
     def savings_usd(self) -> Decimal:
@@ -27,42 +46,28 @@ class Totals:
 
 
 def ledger_totals(entries: QuerySet[LedgerEntry]) -> Totals:
-    """Requests, tokens and costs of ``entries`` in one aggregate query."""
-    row = entries.order_by().aggregate(
-        requests=Count("id"),
-        tokens=Sum(F("prompt_tokens") + F("completion_tokens")),
-        cost_usd=Sum("cost_usd"),
-        list_cost_usd=Sum("list_cost_usd"),
-    )
-    return Totals(
-        requests=row["requests"] or 0,
-        tokens=row["tokens"] or 0,
-        cost_usd=row["cost_usd"] or ZERO,
-        list_cost_usd=row["list_cost_usd"] or ZERO,
-    )
+    """The totals of some ledger rows (a filtered changelist) in one aggregate query."""
+    return Totals.of(entries.usage_totals()[0])
 
 
-def recent_spend(days: int = 30, **owner) -> Totals:
-    """Spend of the last ``days`` days for ``owner`` (``api_key=...`` or ``upstream_key=...``).
+def usage(*, since: date, group_by: Sequence[str] = (), **filters) -> dict[tuple, Totals]:
+    """Usage from the start of day ``since`` on, per ``group_by`` values (``"day"``: the calendar
+    day in the current time zone; field lookups like ``"provider__slug"`` work), in two queries.
 
     Pruned rows live on as DailyUsage totals and live rows are never rolled up, so the two add up
     without counting anything twice.
     """
-    since = timezone.now() - timedelta(days=days)
-    live = ledger_totals(LedgerEntry.objects.filter(created_at__gte=since, **owner))
-    rolled = (
-        DailyUsage.objects.filter(day__gte=since.date(), **owner)
-        .order_by()
-        .aggregate(
-            requests=Sum("requests"),
-            tokens=Sum(F("prompt_tokens") + F("completion_tokens")),
-            cost_usd=Sum("cost_usd"),
-            list_cost_usd=Sum("list_cost_usd"),
-        )
-    )
-    return Totals(
-        requests=live.requests + (rolled["requests"] or 0),
-        tokens=live.tokens + (rolled["tokens"] or 0),
-        cost_usd=live.cost_usd + (rolled["cost_usd"] or ZERO),
-        list_cost_usd=live.list_cost_usd + (rolled["list_cost_usd"] or ZERO),
-    )
+    live = LedgerEntry.objects.filter(created_at__gte=day_start(since), **filters)
+    rolled = DailyUsage.objects.filter(day__gte=since, **filters)
+    result: dict[tuple, Totals] = {}
+    for rows in (live.usage_totals(*group_by), rolled.usage_totals(*group_by)):
+        for row in rows:
+            group = tuple(row[name] for name in group_by)
+            result[group] = result.get(group, Totals()) + Totals.of(row)
+    return result
+
+
+def recent_spend(days: int = 30, **owner) -> Totals:
+    """The last ``days`` calendar days of ``owner`` (``api_key=`` or ``upstream_key=``)."""
+    since = timezone.localdate() - timedelta(days=days)
+    return usage(since=since, **owner).get((), Totals())

@@ -18,7 +18,7 @@ import pytest
 from django.utils import timezone
 
 from billing.models import CurrencyRate, LedgerEntry
-from keyaos.dashboard.figures import day_start
+from billing.selectors import day_start
 from providers.models import PriceHistory, RefreshResult, RefreshRun, UpstreamKey
 from tests.factories import make_key, make_offer, make_provider
 

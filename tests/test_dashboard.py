@@ -13,8 +13,8 @@ from django.urls import reverse
 from django.utils import timezone
 
 from billing.models import CurrencyRate, DailyUsage, LedgerEntry
+from billing.selectors import day_start
 from keyaos.admin_format import format_usd
-from keyaos.dashboard.figures import day_start
 from providers.models import ModelOffer, RefreshResult, RefreshRun, UpstreamKey
 from tests.factories import make_key, make_offer, make_provider
 

@@ -10,17 +10,15 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.db.models import Count, Q, Sum
-from django.db.models.functions import TruncDate
 from django.utils import timezone
 
 from billing.costs import MILLION
 from billing.currency import UnknownCurrency, load_rates, to_usd
-from billing.models import DailyUsage, LedgerEntry
+from billing.selectors import usage
 from providers.models import ModelOffer, RefreshResult, RefreshRun, UpstreamKey, unusable_reason
 
 WINDOWS = (("Today", 1), ("Last 7 days", 7), ("Last 30 days", 30))
@@ -33,10 +31,6 @@ NO_PROVIDER = "(no provider)"
 def low_balance_usd() -> Decimal:
     """Below this (in USD), a key's balance needs attention whatever its burn rate."""
     return settings.KEYAOS_LOW_BALANCE_USD
-
-
-def day_start(day: date) -> datetime:
-    return timezone.make_aware(datetime.combine(day, time.min))
 
 
 @dataclass(frozen=True)
@@ -59,49 +53,22 @@ class UsageGroup:
 
 
 def usage_groups(since: date) -> list[UsageGroup]:
-    """Ledger rows and daily rollups from ``since`` on, grouped by day, provider and model."""
-    ledger = (
-        LedgerEntry.objects.filter(created_at__gte=day_start(since))
-        .annotate(day=TruncDate("created_at"))
-        .values("day", "provider__slug", "requested_model")
-        .annotate(
-            n_requests=Count("id"),
-            n_errors=Count("id", filter=~Q(outcome=LedgerEntry.Outcome.OK)),
-            n_prompt=Sum("prompt_tokens"),
-            n_completion=Sum("completion_tokens"),
-            usd=Sum("cost_usd"),
-            list_usd=Sum("list_cost_usd"),
+    """Usage from ``since`` on, grouped by day, provider and model."""
+    grouped = usage(since=since, group_by=("day", "provider__slug", "requested_model"))
+    return [
+        UsageGroup(
+            day=day,
+            provider=provider or NO_PROVIDER,
+            model=model,
+            requests=totals.requests,
+            errors=totals.errors,
+            prompt_tokens=totals.prompt_tokens,
+            completion_tokens=totals.completion_tokens,
+            cost_usd=totals.cost_usd,
+            list_cost_usd=totals.list_cost_usd,
         )
-        .order_by()
-    )
-    rollups = (
-        DailyUsage.objects.filter(day__gte=since)
-        .values("day", "provider__slug", "requested_model")
-        .annotate(
-            n_requests=Sum("requests"),
-            n_errors=Sum("errors"),
-            n_prompt=Sum("prompt_tokens"),
-            n_completion=Sum("completion_tokens"),
-            usd=Sum("cost_usd"),
-            list_usd=Sum("list_cost_usd"),
-        )
-        .order_by()
-    )
-    return [_group(row) for rows in (ledger, rollups) for row in rows]
-
-
-def _group(row: dict) -> UsageGroup:
-    return UsageGroup(
-        day=row["day"],
-        provider=row["provider__slug"] or NO_PROVIDER,
-        model=row["requested_model"],
-        requests=row["n_requests"] or 0,
-        errors=row["n_errors"] or 0,
-        prompt_tokens=row["n_prompt"] or 0,
-        completion_tokens=row["n_completion"] or 0,
-        cost_usd=Decimal(row["usd"] or 0),
-        list_cost_usd=Decimal(row["list_usd"] or 0),
-    )
+        for (day, provider, model), totals in grouped.items()
+    ]
 
 
 @dataclass(frozen=True)
@@ -258,24 +225,12 @@ class KeyStatus:
 def key_statuses(now: datetime, today: date, rates: dict[str, Decimal]) -> list[KeyStatus]:
     """Every enabled key with its balance in USD, 7-day burn rate and what needs attention."""
     since = today - timedelta(days=BURN_DAYS - 1)
-    burn: dict[int, Decimal] = defaultdict(Decimal)
-    ledger = (
-        LedgerEntry.objects.filter(created_at__gte=day_start(since), upstream_key__isnull=False)
-        .values("upstream_key")
-        .annotate(usd=Sum("list_cost_usd"))
-        .values_list("upstream_key", "usd")
-        .order_by()
-    )
-    rollups = (
-        DailyUsage.objects.filter(day__gte=since, upstream_key__isnull=False)
-        .values("upstream_key")
-        .annotate(usd=Sum("list_cost_usd"))
-        .values_list("upstream_key", "usd")
-        .order_by()
-    )
-    for rows in (ledger, rollups):
-        for key_id, usd in rows:
-            burn[key_id] += Decimal(usd or 0)
+    burn = {
+        key_id: totals.list_cost_usd
+        for (key_id,), totals in usage(
+            since=since, group_by=("upstream_key",), upstream_key__isnull=False
+        ).items()
+    }
     keys = UpstreamKey.objects.filter(enabled=True, provider__enabled=True).select_related(
         "provider"
     )
@@ -287,7 +242,7 @@ def key_statuses(now: datetime, today: date, rates: dict[str, Decimal]) -> list[
             )
         except UnknownCurrency:
             balance_usd = None
-        status = KeyStatus(key, balance_usd, burn[key.pk] / BURN_DAYS)
+        status = KeyStatus(key, balance_usd, burn.get(key.pk, Decimal(0)) / BURN_DAYS)
         status.reasons = attention_reasons(status, now)
         statuses.append(status)
     return statuses
