@@ -11,9 +11,8 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
-from django.urls import path, reverse
+from django.urls import path
 from django.utils import timezone
-from django.utils.html import format_html
 
 from billing.limits import parse_networks, split_list
 from billing.models import (
@@ -24,8 +23,8 @@ from billing.models import (
     DailyUsage,
     LedgerEntry,
 )
-from billing.selectors import Totals, ledger_totals, recent_spend
-from keyaos.admin_format import exact_amount, plain_amount, relative_time
+from billing.selectors import ledger_totals, recent_spend
+from keyaos.admin_format import exact_amount, plain_amount, relative_time, spend_summary
 from keyaos.admin_mixins import AddFormMixin, EnableActionsMixin, ReadOnlyAdminMixin, ReadOnlyInline
 
 
@@ -185,24 +184,6 @@ class ApiKeyAdmin(AddFormMixin, EnableActionsMixin, admin.ModelAdmin):
 
 def usd(amount) -> str:
     return exact_amount(amount, "USD")
-
-
-def spend_summary(totals: Totals, owner_field: str, owner_id: int) -> str:
-    """Last-30-days spend, with a link to those ledger rows."""
-    since = (timezone.now() - timedelta(days=30)).date().isoformat()
-    url = reverse("admin:billing_ledgerentry_changelist")
-    return format_html(
-        '{} requests, {} tokens, {} (list price {}) <a href="{}?{}__id__exact={}&amp;'
-        'created_at__date__gte={}">ledger rows</a>',
-        totals.requests,
-        totals.tokens,
-        usd(totals.cost_usd),
-        usd(totals.list_cost_usd),
-        url,
-        owner_field,
-        owner_id,
-        since,
-    )
 
 
 class RequestedModelFilter(admin.SimpleListFilter):

@@ -26,7 +26,7 @@ from django.utils import timezone
 from billing.costs import Cost, Prices, request_cost
 from billing.models import ApiKey, Attempt, LedgerEntry, budget_period_start
 from billing.usage import Usage
-from keyaos.db import insert_rows
+from keyaos.lib.db import insert_rows
 from providers.models import MONEY_DIGITS, Provider, UpstreamKey
 
 logger = logging.getLogger("keyaos.ledger")

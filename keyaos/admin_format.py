@@ -7,11 +7,12 @@ cent, so 0.00000181 USD still reads as more than nothing).
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING
 
 from django.contrib.humanize.templatetags.humanize import naturaltime
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.formats import date_format
 from django.utils.html import format_html
@@ -19,6 +20,7 @@ from django.utils.html import format_html
 from billing.currency import UnknownCurrency, to_usd
 
 if TYPE_CHECKING:
+    from billing.selectors import Totals
     from providers.models import ModelOffer
 
 CENT = Decimal("0.01")
@@ -88,3 +90,21 @@ def usd_pair(offer: ModelOffer, rates: dict[str, Decimal]) -> str:
     except UnknownCurrency:
         return f"no {offer.currency} rate"
     return " / ".join(f"${plain_amount(price.quantize(Decimal('0.000001')))}" for price in prices)
+
+
+def spend_summary(totals: Totals, owner_field: str, owner_id: int) -> str:
+    """Last-30-days spend, with a link to those ledger rows."""
+    since = (timezone.now() - timedelta(days=30)).date().isoformat()
+    url = reverse("admin:billing_ledgerentry_changelist")
+    return format_html(
+        '{} requests, {} tokens, {} (list price {}) <a href="{}?{}__id__exact={}&amp;'
+        'created_at__date__gte={}">ledger rows</a>',
+        totals.requests,
+        totals.tokens,
+        exact_amount(totals.cost_usd, "USD"),
+        exact_amount(totals.list_cost_usd, "USD"),
+        url,
+        owner_field,
+        owner_id,
+        since,
+    )

@@ -7,7 +7,7 @@ from django import forms
 from django.contrib import admin
 from django.http import HttpRequest
 
-from providers.signals import bump_snapshot_version
+from keyaos.lib.signals import routing_data_changed
 
 
 class ReadOnlyAdminMixin:
@@ -93,6 +93,6 @@ class EnableActionsMixin:
 
     def _set_enabled(self, request: HttpRequest, queryset, enabled: bool) -> None:
         count = queryset.update(enabled=enabled)
-        bump_snapshot_version()
+        routing_data_changed()
         verb = "Enabled" if enabled else "Disabled"
         self.message_user(request, f"{verb} {count} {self.enabled_noun}.")

@@ -20,7 +20,7 @@ import httpx
 from django.conf import settings
 
 from providers.models import PRICE_DIGITS, ModelOffer, Provider
-from routing.failures import redact, upstream_message
+from providers.upstream import redact, upstream_message
 
 logger = logging.getLogger(__name__)
 

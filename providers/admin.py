@@ -19,7 +19,8 @@ from django.utils.text import Truncator
 from django.views.decorators.http import require_POST
 
 from billing.currency import UnknownCurrency, load_rates, usd_per_unit
-from keyaos.admin_format import exact_amount, plain_amount, relative_time, usd_pair
+from billing.selectors import recent_spend
+from keyaos.admin_format import exact_amount, plain_amount, relative_time, spend_summary, usd_pair
 from keyaos.admin_mixins import (
     AddFormMixin,
     EnableActionsMixin,
@@ -348,9 +349,6 @@ class UpstreamKeyAdmin(AddFormMixin, EnableActionsMixin, admin.ModelAdmin):
 
     @admin.display(description="spend, last 30 days")
     def spend_last_30_days(self, key: UpstreamKey) -> str:
-        from billing.admin import spend_summary
-        from billing.selectors import recent_spend
-
         return spend_summary(recent_spend(upstream_key=key), "upstream_key", key.pk)
 
     @admin.display(description="health", ordering="health")

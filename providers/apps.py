@@ -6,4 +6,4 @@ class ProvidersConfig(AppConfig):
     verbose_name = "Providers and catalog"
 
     def ready(self) -> None:
-        from providers import identity, signals  # noqa: F401
+        from providers import identity  # noqa: F401

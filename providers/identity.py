@@ -15,9 +15,9 @@ from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 from django.utils import timezone
 
+from keyaos.lib.signals import routing_data_changed
 from providers.adapters import CatalogEntry
 from providers.models import ModelAlias, ModelOffer, Provider, PublishedIdentity
-from providers.signals import bump_snapshot_version
 
 IDENTITY_FIELDS = ["canonical_id", "identity_rule", "identity_note"]
 
@@ -84,7 +84,7 @@ def rekey_offers(provider: Provider | None = None) -> int:
                 changed.append(offer)
     if changed:
         ModelOffer.objects.bulk_update(changed, IDENTITY_FIELDS, batch_size=500)
-        bump_snapshot_version()
+        routing_data_changed()
     return len(changed)
 
 

@@ -9,9 +9,9 @@ from decimal import Decimal
 from django.conf import settings
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
-from django.dispatch import Signal
 from django.utils import timezone
 
+from keyaos.lib.signals import routing_data_changed
 from providers.crypto import decrypt_secret, encrypt_secret, mask_secret, secret_fingerprint
 
 PRICE_DIGITS = {"max_digits": 24, "decimal_places": 10}
@@ -164,9 +164,6 @@ FRESH_HEALTH = {
     "last_error_at": None,
 }
 
-# Sent when a transition changed some key's health: whoever keeps a routing snapshot rebuilds it.
-key_health_changed = Signal()
-
 
 def unusable_reason(
     *,
@@ -244,7 +241,7 @@ class UpstreamKeyQuerySet(models.QuerySet):
     def _transition(self, **changes) -> int:
         changed = self.update(**changes)
         if changed:
-            key_health_changed.send(sender=UpstreamKey)
+            routing_data_changed()
         return changed
 
 

@@ -21,6 +21,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from keyaos.lib.signals import routing_data_changed
 from providers.adapters import (
     CatalogEntry,
     KeyCheckResult,
@@ -43,8 +44,7 @@ from providers.models import (
     RefreshRun,
     UpstreamKey,
 )
-from providers.signals import bump_snapshot_version
-from routing.failures import classify, health_after, redact
+from providers.upstream import classify, health_after, redact
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ def _apply(
                 for key_id, balance in fetched.balances.items()
             )
             if changes.any or balances_updated:
-                bump_snapshot_version()
+                routing_data_changed()
     except Exception as exc:
         logger.exception("refresh %s: saving failed", provider.slug)
         errors.append(redact(f"saving: {type(exc).__name__}: {exc}", *job.secrets))
@@ -440,7 +440,7 @@ def refresh_key_balance(key: UpstreamKey) -> Decimal | None:
         return None
     with transaction.atomic():
         store_balance(key.pk, balance)
-        bump_snapshot_version()
+        routing_data_changed()
     key.refresh_from_db(fields=["balance", "balance_updated_at", "health"])
     return balance
 

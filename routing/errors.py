@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from keyaos.lib.errors import GatewayError
-from routing.failures import Failure
+from providers.upstream import Failure
 
 __all__ = ["AttemptFailure", "GatewayError", "UpstreamRefused", "UpstreamUnavailable"]
 

@@ -29,7 +29,8 @@ from billing.limits import Reservation, admit, persisted_spend, settle
 from billing.models import LedgerEntry
 from billing.recorder import AttemptRecord, RequestRecord
 from billing.usage import Usage, estimate_usage
-from keyaos.db import db_task
+from keyaos.lib.db import db_task
+from providers.upstream import Failure, classify, redact, retry_after_seconds, upstream_message
 from routing.dispatcher import (
     AmbiguousModel,
     Candidate,
@@ -50,7 +51,6 @@ from routing.errors import (
     no_available_key,
     stream_interrupted,
 )
-from routing.failures import Failure, classify, redact, retry_after_seconds, upstream_message
 from routing.requests import ClientRequest
 from routing.runtime import Runtime
 from routing.snapshot import ClientKey

@@ -14,9 +14,9 @@ from datetime import UTC, datetime
 from django.conf import settings
 from django.core.cache import cache
 
-from keyaos.db import db_task
+from keyaos.lib.db import db_task
 from providers.models import UpstreamKey, unusable_reason
-from routing.failures import Failure, health_after
+from providers.upstream import Failure, health_after
 from routing.snapshot import KeyInfo
 
 logger = logging.getLogger("keyaos.health")

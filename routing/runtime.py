@@ -15,7 +15,7 @@ from django.conf import settings
 from httpx_aiohttp import AiohttpTransport
 
 from billing.recorder import LedgerWriter
-from keyaos.db import db_task
+from keyaos.lib.db import db_task
 from routing.health import HealthBoard
 from routing.models import SnapshotVersion
 from routing.snapshot import Snapshot, build_snapshot

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from billing.usage import Usage, parse_usage_json
-from routing.failures import upstream_message
+from providers.upstream import upstream_message
 
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')

@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from providers.models import UpstreamKey, unusable_reason
-from routing.failures import Failure, health_after
+from providers.upstream import Failure, health_after
 from routing.health import HealthBoard
 from routing.models import SnapshotVersion
 from routing.snapshot import build_snapshot

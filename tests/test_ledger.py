@@ -200,7 +200,7 @@ def test_the_writer_restarts_the_period_spend_only_for_a_newer_period():
 @pytest.mark.django_db
 def test_a_row_naming_a_field_the_model_lacks_is_refused_not_silently_dropped():
     from billing.models import Attempt
-    from keyaos.db import insert_rows
+    from keyaos.lib.db import insert_rows
 
     with pytest.raises(ValueError, match="upstream_key_pk"):
         insert_rows(Attempt, [{"entry_id": 1, "number": 1, "upstream_key_pk": 7}])

@@ -9,7 +9,7 @@ from datetime import datetime
 
 import pytest
 
-from routing.failures import Failure
+from providers.upstream import Failure
 from routing.health import HealthBoard
 from routing.snapshot import KeyInfo
 

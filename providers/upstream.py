@@ -1,4 +1,4 @@
-"""The failure classes of DESIGN.md, decided in one place."""
+"""What an upstream's answer means: its failure class (DESIGN.md), its message, its Retry-After."""
 
 from __future__ import annotations
 
