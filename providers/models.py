@@ -235,6 +235,11 @@ class UpstreamKeyQuerySet(models.QuerySet):
             cooldown_until=now + timedelta(seconds=seconds), last_error=reason, last_error_at=now
         )
 
+    def end_cooldown(self, *, ended_by: datetime) -> int:
+        """The gateway saw the key serve again: clear a cooldown that ends by ``ended_by`` (a
+        later one was set since, and stays)."""
+        return self.filter(cooldown_until__lte=ended_by).update(cooldown_until=None)
+
     def note_error(self, reason: str) -> int:
         return self.update(last_error=reason, last_error_at=timezone.now())
 

@@ -7,6 +7,7 @@ import re
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 
+import httpx
 from django.utils import timezone
 
 from providers.models import Health
@@ -90,3 +91,28 @@ def retry_after_seconds(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max((when - timezone.now()).total_seconds(), 0.0)
+
+
+def unreachable(error: BaseException) -> tuple[str, bool]:
+    """What went wrong reaching an upstream (words after its name), and whether it timed out.
+
+    httpx-aiohttp reports every aiohttp connection error as ``httpx.ConnectTimeout``, so the
+    exception's cause chain, not its type, tells a refused or reset connection from a timeout.
+    """
+    chain = []
+    cause: BaseException | None = error
+    while cause is not None and len(chain) < 10:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for cause in chain[1:] or chain:
+        if isinstance(cause, TimeoutError):
+            return "timed out before answering", True
+        if isinstance(cause, ConnectionRefusedError):
+            return "refused the connection", False
+        if isinstance(cause, ConnectionResetError):
+            return "reset the connection", False
+        if type(cause).__name__ == "ServerDisconnectedError":
+            return "closed the connection without answering", False
+    if len(chain) == 1 and isinstance(error, httpx.TimeoutException):
+        return "timed out before answering", True
+    return f"could not be reached: {type(chain[-1]).__name__}", False

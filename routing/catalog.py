@@ -58,7 +58,9 @@ def _entry(snapshot: Snapshot, board: HealthBoard, model: str) -> dict[str, Any]
 
 def _has_usable_key(snapshot: Snapshot, board: HealthBoard, offer: OfferInfo) -> bool:
     keys = snapshot.keys.get(offer.provider.id, [])
-    return any(board.unusable_reason(key) is None for key in keys)
+    return any(
+        board.unusable_reason(key) is None or board.lifts_at(key) is not None for key in keys
+    )
 
 
 def _usd_prices(snapshot: Snapshot, offer: OfferInfo) -> tuple[Decimal, Decimal] | None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 from billing.costs import MILLION
@@ -58,6 +60,9 @@ class Decision:
     model: str
     candidates: list[Candidate]
     excluded: list[Exclusion]
+    # Excluded only by a cooldown that may be lifted, soonest end first: tried when no
+    # candidate served (see routing.health).
+    last_resort: list[Candidate] = field(default_factory=list)
 
 
 def resolve_model(snapshot: Snapshot, requested: str) -> str:
@@ -99,6 +104,7 @@ def rank_candidates(
     preferences = preferences or ProviderPreferences()
     candidates: list[Candidate] = []
     excluded: list[Exclusion] = []
+    last_resort: list[tuple[float, Candidate]] = []
     for offer in snapshot.offers.get(model, []):
         reason = _offer_exclusion(offer, kind, preferences)
         provider_keys = snapshot.keys.get(offer.provider.id, [])
@@ -116,12 +122,15 @@ def rank_candidates(
             continue
         for key in provider_keys:
             key_reason = board.unusable_reason(key)
-            if key_reason is not None:
-                excluded.append(
-                    Exclusion(offer.provider.slug, offer.upstream_model_id, key.name, key_reason)
-                )
+            if key_reason is None:
+                candidates.append(Candidate(offer, key, base_cost * key.multiplier))
                 continue
-            candidates.append(Candidate(offer, key, base_cost * key.multiplier))
+            excluded.append(
+                Exclusion(offer.provider.slug, offer.upstream_model_id, key.name, key_reason)
+            )
+            lifts_at = board.lifts_at(key)
+            if lifts_at is not None:
+                last_resort.append((lifts_at, Candidate(offer, key, base_cost * key.multiplier)))
     order = {slug: index for index, slug in enumerate(preferences.order)}
     tie_breaks = {id(candidate): random.random() for candidate in candidates}
     candidates.sort(
@@ -131,7 +140,31 @@ def rank_candidates(
             tie_breaks[id(c)],
         )
     )
-    return Decision(model=model, candidates=candidates, excluded=excluded)
+    last_resort.sort(key=lambda item: (item[0], item[1].estimated_cost_usd))
+    return Decision(
+        model=model,
+        candidates=candidates,
+        excluded=excluded,
+        last_resort=[candidate for _, candidate in last_resort],
+    )
+
+
+def attempt_order(board: HealthBoard, decision: Decision) -> Iterator[tuple[Candidate, float]]:
+    """The candidates in rank order, then (none having served) the last resort: keys out only
+    for a cooldown that may be lifted, soonest end first. Yields each with its start time."""
+    skipped = []
+    for candidate in decision.candidates:
+        started = board.begin(candidate.key)
+        if started is None:
+            skipped.append(candidate)  # tripped since the ranking, or its probe is taken
+        else:
+            yield candidate, started
+    now = time.time()
+    lifted = [(board.lifts_at(c.key, now), c) for c in skipped]
+    lifted = [(at, c) for at, c in lifted if at is not None]
+    lifted.sort(key=lambda item: item[0])
+    for candidate in [c for _, c in lifted] + decision.last_resort:
+        yield candidate, board.begin(candidate.key, last_resort=True)
 
 
 def _offer_exclusion(

@@ -47,6 +47,12 @@ class RouteExplanation:
             )
         if not decision.excluded:
             lines.append("  (none)")
+        if decision.last_resort:
+            lines += ["", "Last resort, tried when no candidate serves (cooldown ending first):"]
+            lines += [
+                f"  - {c.provider.slug} key {c.key.name} model {c.offer.upstream_model_id}"
+                for c in decision.last_resort
+            ]
         return lines
 
 
@@ -76,7 +82,7 @@ def explain_route(
 def shared_health(snapshot: Snapshot) -> HealthBoard:
     """The cooldowns every gateway process shares through the cache."""
     board = HealthBoard()
+    board.adopt(snapshot.keys)
     ids = [key.id for keys in snapshot.keys.values() for key in keys]
-    for name, until in cache.get_many([COOLDOWN_KEY.format(i) for i in ids]).items():
-        board.cooldowns[int(name.split(":")[1])] = until
+    board.merge(cache.get_many([COOLDOWN_KEY.format(i) for i in ids]))
     return board

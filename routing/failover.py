@@ -30,12 +30,20 @@ from billing.models import LedgerEntry
 from billing.recorder import AttemptRecord, RequestRecord
 from billing.usage import Usage, estimate_usage
 from keyaos.lib.db import db_task
-from providers.upstream import Failure, classify, redact, retry_after_seconds, upstream_message
+from providers.upstream import (
+    Failure,
+    classify,
+    redact,
+    retry_after_seconds,
+    unreachable,
+    upstream_message,
+)
 from routing.dispatcher import (
     AmbiguousModel,
     Candidate,
     Decision,
     ModelNotFound,
+    attempt_order,
     rank_candidates,
     resolve_model,
 )
@@ -114,21 +122,23 @@ class Exchange:
         """The first candidate's answer, or a GatewayError for the client."""
         decision = self._decide()
         self._check_model(decision)
-        if not decision.candidates:
+        if not decision.candidates and not decision.last_resort:
             raise no_available_key(
                 decision.model,
                 [f"{e.provider_slug} {e.key_name}: {e.reason}" for e in decision.excluded],
             )
-        await self._admit(decision.candidates[0])
+        await self._admit((decision.candidates or decision.last_resort)[0])
         failures: list[AttemptFailure] = []
-        for candidate in decision.candidates[: settings.KEYAOS_MAX_ATTEMPTS]:
-            result = await self._attempt(candidate)
+        for candidate, started in attempt_order(self.runtime.board, decision):
+            result = await self._attempt(candidate, started)
             if isinstance(result, Answer):
                 return result
             if result.failure == Failure.CLIENT:
                 self._choose(candidate)
                 raise UpstreamRefused(result)
             failures.append(result)
+            if len(failures) >= settings.KEYAOS_MAX_ATTEMPTS:
+                break  # before the next candidate is taken (that may claim its probe)
         raise all_attempts_failed(failures)
 
     def fail(self, error: GatewayError) -> GatewayError:
@@ -290,7 +300,7 @@ class Exchange:
         if self.reservation is not None and not self.reservation.settled:
             self.runtime.spawn(settle(self.reservation, cost_usd=cost_usd, tokens=tokens))
 
-    async def _attempt(self, candidate: Candidate) -> Answer | AttemptFailure:
+    async def _attempt(self, candidate: Candidate, started: float) -> Answer | AttemptFailure:
         offer, key = candidate.offer, candidate.key
         provider = offer.provider
         request = self.request
@@ -317,29 +327,27 @@ class Exchange:
             self.overhead_ms = (attempt_started - self.started) * 1000
         try:
             response = await self.runtime.client.send(upstream, stream=True)
-        except httpx.TimeoutException:
-            failure = AttemptFailure(
-                Failure.TRANSIENT,
-                None,
-                f"{provider.slug} timed out before answering",
-                timed_out=True,
-            )
-            return self._attempted(candidate, attempt_started, failure)
         except httpx.HTTPError as error:
-            message = f"{provider.slug} could not be reached: {type(error).__name__}"
-            failure = AttemptFailure(Failure.TRANSIENT, None, message)
-            return self._attempted(candidate, attempt_started, failure)
+            what, timed_out = unreachable(error)
+            failure = AttemptFailure(
+                Failure.TRANSIENT, None, f"{provider.slug} {what}", timed_out=timed_out
+            )
+            return self._attempted(candidate, started, attempt_started, failure)
+        except BaseException:
+            self.runtime.board.abandon(key, started)
+            raise
         failure = await self._check_answer(response, candidate)
         if failure is not None:
             await response.aclose()
-            return self._attempted(candidate, attempt_started, failure)
-        self._attempted(candidate, attempt_started, None, status=response.status_code)
+            return self._attempted(candidate, started, attempt_started, failure)
+        self._attempted(candidate, started, attempt_started, None, status=response.status_code)
         self._choose(candidate)
         return Answer(candidate, response)
 
     def _attempted(
         self,
         candidate: Candidate,
+        started: float,
         attempt_started: float,
         failure: AttemptFailure | None,
         *,
@@ -357,10 +365,14 @@ class Exchange:
                 duration_ms=_ms_since(attempt_started),
             )
         )
-        if failure is None:
-            self.runtime.board.record_success(candidate.key)
-        elif failure.failure != Failure.CLIENT:
-            self._blame(candidate, failure.failure, failure.message, failure.retry_after_s)
+        board = self.runtime.board
+        if failure is None or failure.failure == Failure.CLIENT:
+            # A client error too: the upstream works, the request does not.
+            ended = board.record_success(candidate.key, started)
+            if ended is not None:
+                self.runtime.spawn(board.share_close(candidate.key, ended))
+        else:
+            self._blame(candidate, failure.failure, failure.message, failure.retry_after_s, started)
         return failure
 
     async def _check_answer(
@@ -395,10 +407,11 @@ class Exchange:
         failure: Failure,
         message: str,
         retry_after_s: float | None = None,
+        started: float | None = None,
     ) -> None:
         """Out of this process's routing at once; shared and persisted in the background."""
         board = self.runtime.board
-        outcome = board.note_failure(candidate.key, failure, retry_after_s)
+        outcome = board.note_failure(candidate.key, failure, retry_after_s, started=started)
         if outcome is not None:
             self.runtime.spawn(board.share_failure(candidate.key, outcome, message))
 

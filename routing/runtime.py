@@ -37,6 +37,7 @@ class Runtime:
         self._reloading: asyncio.Lock | None = None
         self.background: set[asyncio.Task] = set()
         self._poll_failing = False
+        self._background_failures: set[tuple[str, str]] = set()
 
     async def ready(self) -> Runtime:
         if self.loop is asyncio.get_running_loop() and self.snapshot is not None:
@@ -54,6 +55,7 @@ class Runtime:
                 return
             self.client = new_upstream_client()
             self.snapshot = await db_task(build_snapshot)()
+            self.board.adopt(self.snapshot.keys)
             self.ledger = LedgerWriter()
             self.ledger.start()
             self._poller = loop.create_task(self._poll(), name="snapshot-poller")
@@ -77,14 +79,25 @@ class Runtime:
         """Run work after the response, keeping a reference so it is not collected midway."""
         task = asyncio.get_running_loop().create_task(coroutine)
         self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        task.add_done_callback(self._background_done)
         return task
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self.background.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        what = (task.get_coro().__qualname__, type(error).__name__)
+        if what in self._background_failures:
+            return
+        self._background_failures.add(what)  # once per kind: a failing store is one condition
+        logger.error("background work %s failed (logged once)", what[0], exc_info=error)
 
     async def reload(self) -> None:
         """Rebuild the snapshot; builds run one at a time, so an older one never lands last."""
         async with self._reloading:
             self.snapshot = await db_task(build_snapshot)()
-            self.board.forget_marks(self.snapshot.keys)
+            self.board.adopt(self.snapshot.keys)
 
     async def _poll(self) -> None:
         while True:

@@ -18,6 +18,7 @@ DEAR = "/dear/v1/chat/completions"
 @pytest.fixture
 def two_providers(gateway, fake_upstream, settings):
     settings.KEYAOS_CONNECT_TIMEOUT_S = 2
+    settings.KEYAOS_TRIP_MIN_FAILURES = 1  # one transient failure with no success trips the key
     cheap = make_provider("cheap", fake_upstream.url("cheap/v1"), read_timeout_s=1.0)
     dear = make_provider("dear", fake_upstream.url("dear/v1"))
     make_offer(cheap, MODEL, input="0.1", output="0.2")
@@ -196,3 +197,103 @@ def test_when_every_candidate_times_out_the_client_gets_a_504(
     assert error.value.response.json()["error"]["code"] == "upstream_failed"
     gateway.flush_ledger()
     assert LedgerEntry.objects.get().outcome == "upstream_error"
+
+
+@pytest.fixture
+def hang_up_server():
+    """A TCP server that accepts each connection and closes it at once, answering nothing."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            connection.recv(65536)
+            connection.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    stop.set()
+    thread.join(timeout=5)
+    listener.close()
+
+
+@pytest.mark.parametrize("where", ["refused", "hung-up"])
+def test_a_refused_or_dropped_connection_is_a_502_that_says_so(
+    gateway, fake_upstream, hang_up_server, where
+):
+    from tests.fake_upstream import free_port
+
+    base_url = f"http://127.0.0.1:{free_port()}/v1" if where == "refused" else hang_up_server
+    provider = make_provider("gone", base_url)
+    make_offer(provider, MODEL)
+    make_key(provider, "sk-gone-" + "g" * 30)
+    _, client_key = make_client_key()
+    gateway.reload()
+    client = openai.OpenAI(base_url=gateway.url, api_key=client_key, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as error:
+        ask(client)
+    assert error.value.status_code == 502
+    expected = {
+        "refused": "gone refused the connection",
+        "hung-up": "gone closed the connection without answering",
+    }[where]
+    assert expected in error.value.message
+    assert "timed out" not in error.value.message
+
+
+@pytest.fixture
+def one_key(gateway, fake_upstream, settings):
+    settings.KEYAOS_TRIP_MIN_FAILURES = 1
+    provider = make_provider("only", fake_upstream.url("only/v1"))
+    make_offer(provider, MODEL)
+    key = make_key(provider, "sk-only-" + "o" * 30, label="only-key")
+    _, client_key = make_client_key()
+    gateway.reload()
+    return key, openai.OpenAI(base_url=gateway.url, api_key=client_key, max_retries=0)
+
+
+ONLY = "/only/v1/chat/completions"
+
+
+def test_a_model_whose_keys_all_cool_down_after_transient_failures_is_still_tried(
+    one_key, gateway, fake_upstream
+):
+    key, client = one_key
+    fake_upstream.reply("POST", ONLY, status=503, json_body={"error": {"message": "blip"}})
+    with pytest.raises(openai.APIStatusError):
+        ask(client)
+    gateway.flush_ledger()
+    assert UpstreamKey.objects.get(pk=key.pk).current_health == "cooling"
+    fake_upstream.reply("POST", ONLY, json_body=chat_completion(MODEL, "back"))
+    raw = ask(client)  # the last-resort pass, not a 503
+    assert raw.parse().choices[0].message.content == "back"
+    gateway.flush_ledger()
+    assert UpstreamKey.objects.get(pk=key.pk).current_health == "ok"  # its success closed it
+
+
+def test_a_retry_after_the_upstream_stated_is_never_lifted(one_key, fake_upstream):
+    _, client = one_key
+    fake_upstream.reply(
+        "POST",
+        ONLY,
+        status=429,
+        json_body={"error": {"message": "slow down"}},
+        headers={"Retry-After": "60"},
+    )
+    with pytest.raises(openai.RateLimitError):
+        ask(client)
+    fake_upstream.reply("POST", ONLY, json_body=chat_completion(MODEL, "too soon"))
+    with pytest.raises(openai.APIStatusError) as error:
+        ask(client)
+    assert error.value.status_code == 503
+    assert "cooling down until" in error.value.message
+    assert len(fake_upstream.received(ONLY)) == 1

@@ -85,7 +85,10 @@ def test_a_client_disconnect_closes_the_upstream_and_is_recorded(setup, gateway,
     assert entry.completion_tokens > 0 and entry.cost > 0
 
 
-def test_a_mid_stream_upstream_failure_ends_with_an_error_event(setup, gateway, fake_upstream):
+def test_a_mid_stream_upstream_failure_ends_with_an_error_event(
+    setup, gateway, fake_upstream, settings
+):
+    settings.KEYAOS_TRIP_MIN_FAILURES = 1  # this one failure is half the key's attempts: it trips
     key, client_key = setup
     fake_upstream.stream(PATH, chat_chunks(MODEL, ["a", "b", "c", "d"], None), fail_after=3)
     with stream_request(gateway, client_key) as response:

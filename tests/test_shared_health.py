@@ -56,15 +56,22 @@ def test_a_429_seen_by_one_process_cools_the_key_in_another(settings):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_transient_failures_cool_a_key_longer_each_time_up_to_the_cap(settings):
+def test_each_failed_probe_doubles_the_cooldown_up_to_the_cap(settings):
     settings.KEYAOS_TRANSIENT_COOLDOWN_S = 5
     settings.KEYAOS_MAX_COOLDOWN_S = 12
+    settings.KEYAOS_TRIP_MIN_FAILURES = 1
     board = HealthBoard()
     waits = []
     for _ in range(3):
-        before = time.time()
-        asyncio.run(board.record_failure(key(7), Failure.TRANSIENT, "500"))
-        waits.append(round(board.cooldowns[7] - before))
+        cooldown = board.cooldowns.get(7)
+        if cooldown is not None:  # let the cooldown end: the next attempt is the half-open probe
+            board.cooldowns[7] = cooldown = type(cooldown)(
+                time.time() - 0.01, cooldown.set_at - 100, cooldown.trips, False
+            )
+        started = board.begin(key(7))
+        assert started is not None
+        asyncio.run(board.record_failure(key(7), Failure.TRANSIENT, "500", started=started))
+        waits.append(round(board.cooldowns[7].seconds))
     assert waits == [5, 10, 12]
 
 
