@@ -29,6 +29,8 @@ async def application(scope, receive, send) -> None:
         await _lifespan(receive, send)
     elif scope["type"] == "http" and scope["path"].startswith("/v1"):
         await gateway_application(scope, receive, send)
+    elif scope["type"] == "http" and scope["method"] == "HEAD" and scope["path"] == "/":
+        await _alive(send)  # Claude Code probes its base URL before the first request
     else:
         await django_application(scope, receive, send)
 
@@ -43,3 +45,8 @@ async def _lifespan(receive, send) -> None:
             await runtime.shutdown()
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+async def _alive(send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})

@@ -11,7 +11,7 @@ from routing.auth import authenticate, check_access
 from routing.catalog import list_models, model_entry
 from routing.errors import GatewayError, internal_error
 from routing.failover import Exchange
-from routing.protocols import Front, front_for_path, openai
+from routing.protocols import Front, anthropic, front_for_path, openai
 from routing.runtime import runtime
 from routing.snapshot import ClientKey
 
@@ -87,6 +87,18 @@ async def embeddings(request: HttpRequest) -> HttpResponse:
     return await serve(request, openai.EMBEDDINGS)
 
 
+@api.post("/messages", include_in_schema=False)
+async def messages(request: HttpRequest) -> HttpResponse:
+    return await serve(request, anthropic.MESSAGES)
+
+
+@api.post("/messages/count_tokens", include_in_schema=False)
+async def count_tokens(request: HttpRequest) -> HttpResponse:
+    await runtime.ready()
+    _allowed_client(request)
+    return JsonResponse(anthropic.count_tokens(request.body))
+
+
 @api.get("/models", include_in_schema=False)
 async def models(request: HttpRequest) -> HttpResponse:
     gateway = await runtime.ready()
@@ -94,6 +106,8 @@ async def models(request: HttpRequest) -> HttpResponse:
     entries = list_models(gateway.snapshot, gateway.board)
     if client.limits is not None:
         entries = [entry for entry in entries if client.limits.allows_model(entry["id"])]
+    if "anthropic-version" in request.headers:
+        return JsonResponse(anthropic.model_list(entries))
     return JsonResponse({"object": "list", "data": entries})
 
 

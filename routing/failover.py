@@ -196,7 +196,7 @@ class Exchange:
             self._blame(answer.candidate, Failure.TRANSIENT, refusal.message)
             raise refusal from None
         self.record.ttfb_ms = _ms_since(self.started)
-        content, usage, completion_chars = front.read_json(content)
+        content, usage, completion_chars = front.read_json(self.request, content)
         self.finish(
             Outcome.OK,
             status=response.status_code,

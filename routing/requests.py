@@ -30,14 +30,15 @@ class ClientRequest:
     prompt_tokens: int
     output_tokens: int
     preferences: ProviderPreferences
-    added_usage_option: bool
+    added_usage_option: bool = False
+    context: Any = None  # what the client's protocol keeps to translate the answer back
 
     def upstream_body(self, upstream_model_id: str) -> bytes:
         return json.dumps({**self.body, "model": upstream_model_id}).encode()
 
 
-def parse_client_request(endpoint: str, raw: bytes) -> ClientRequest:
-    kind, prompt_field = ENDPOINTS[endpoint]
+def load_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, for every protocol."""
     if len(raw) > settings.KEYAOS_MAX_BODY_BYTES:
         raise body_too_large()
     try:
@@ -48,6 +49,12 @@ def parse_client_request(endpoint: str, raw: bytes) -> ClientRequest:
         ) from None
     if not isinstance(body, dict):
         raise GatewayError(400, "The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def parse_client_request(endpoint: str, raw: bytes) -> ClientRequest:
+    kind, prompt_field = ENDPOINTS[endpoint]
+    body = load_body(raw)
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise GatewayError(

@@ -110,3 +110,17 @@ def _event_bounds(events: bytes, index: int) -> tuple[int, int]:
 
 def text_chars(content: bytes) -> int:
     return sum(len(match.group(1)) for match in _TEXT_FIELD.finditer(content))
+
+
+def events_of(data: bytes) -> tuple[list[bytes], bytes]:
+    """The ``data`` payloads of the whole events in ``data``, and the incomplete rest."""
+    end = _last_event_end(data)
+    payloads: list[bytes] = []
+    lines: list[bytes] = []
+    for line in data[:end].splitlines():
+        if line.startswith(b"data:"):
+            lines.append(line[5:].strip())
+        elif not line and lines:
+            payloads.append(lines[0] if len(lines) == 1 else b"\n".join(lines))
+            lines = []
+    return payloads, data[end:]

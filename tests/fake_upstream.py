@@ -217,33 +217,24 @@ def chat_completion(model: str, content: str = "Hello!", **usage: Any) -> dict[s
 
 
 def chat_chunks(
-    model: str, words: list[str], usage: dict[str, Any] | None = None, *, done: bool = True
+    model: str,
+    words: list[str],
+    usage: dict[str, Any] | None = None,
+    *,
+    done: bool = True,
+    finish: str = "stop",
+    usage_in_last_chunk: bool = False,
 ) -> list[bytes]:
-    """A streamed chat answer: a role chunk, one chunk per word, a finish chunk, a usage chunk."""
-
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {
-            "id": "chatcmpl-fake",
-            "object": "chat.completion.chunk",
-            "created": 1760000000,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        }
-
-    payloads = [chunk({"role": "assistant", "content": ""})]
-    payloads += [chunk({"content": word}) for word in words]
-    payloads.append(chunk({}, "stop"))
-    if usage is not None:
-        payloads.append(
-            {
-                "id": "chatcmpl-fake",
-                "object": "chat.completion.chunk",
-                "created": 1760000000,
-                "model": model,
-                "choices": [],
-                "usage": usage,
-            }
-        )
+    """A streamed chat answer: a role chunk, one chunk per word, a finish chunk, a usage chunk
+    (or, with ``usage_in_last_chunk``, the usage on the finish chunk as some providers send it)."""
+    payloads = [chunk(model, {"role": "assistant", "content": ""})]
+    payloads += [chunk(model, {"content": word}) for word in words]
+    if usage is not None and usage_in_last_chunk:
+        payloads.append(chunk(model, {}, finish, usage=usage))
+    else:
+        payloads.append(chunk(model, {}, finish))
+        if usage is not None:
+            payloads.append({**chunk(model, {}), "choices": [], "usage": usage})
     return sse(*payloads, done=done)
 
 
@@ -298,3 +289,69 @@ def serve_openrouter(fake: FakeUpstream, *models: dict[str, Any], prefix: str = 
 
 def serve_deepinfra(fake: FakeUpstream, *models: dict[str, Any], prefix: str = "deepinfra"):
     fake.reply("GET", f"/{prefix}/models", json_body={"data": list(models)})
+
+
+def tool_call_chunks(
+    model: str,
+    calls: list[tuple[str, str, list[str]]],
+    usage: dict[str, Any] | None = None,
+    *,
+    text: str = "",
+) -> list[bytes]:
+    """A streamed answer that calls tools: for each (id, name, argument pieces) a first delta
+    with the id and name, then one delta per piece of the arguments, as OpenAI streams them."""
+    payloads = [chunk(model, {"role": "assistant", "content": text or None})]
+    for index, (call_id, name, pieces) in enumerate(calls):
+        first = {"index": index, "id": call_id, "type": "function"}
+        payloads.append(
+            chunk(model, {"tool_calls": [{**first, "function": {"name": name, "arguments": ""}}]})
+        )
+        payloads += [
+            chunk(model, {"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+            for piece in pieces
+        ]
+    payloads.append(chunk(model, {}, "tool_calls"))
+    if usage is not None:
+        payloads.append({**chunk(model, {}), "choices": [], "usage": usage})
+    return sse(*payloads)
+
+
+def chunk(
+    model: str,
+    delta: dict[str, Any],
+    finish: str | None = None,
+    *,
+    usage: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One ``chat.completion.chunk``."""
+    payload = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1760000000,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    if usage is not None:
+        payload["usage"] = usage
+    return payload
+
+
+def tool_completion(
+    model: str, calls: list[tuple[str, str, dict[str, Any]]], **usage: Any
+) -> dict[str, Any]:
+    """A non-streaming answer that calls tools: (id, name, arguments) each."""
+    answer = chat_completion(model, **usage)
+    answer["choices"][0]["message"] = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": call_id,
+                "type": "function",
+                "function": {"name": name, "arguments": json.dumps(arguments)},
+            }
+            for call_id, name, arguments in calls
+        ],
+    }
+    answer["choices"][0]["finish_reason"] = "tool_calls"
+    return answer

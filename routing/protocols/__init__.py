@@ -10,7 +10,7 @@ from django.http import HttpResponse
 
 from billing.usage import Usage
 from routing.errors import GatewayError
-from routing.protocols import openai
+from routing.protocols import anthropic, openai
 from routing.requests import ClientRequest
 
 
@@ -36,7 +36,7 @@ class Front(Protocol):
 
     def parse(self, raw: bytes) -> ClientRequest: ...
 
-    def read_json(self, content: bytes) -> tuple[bytes, Usage | None, int]:
+    def read_json(self, request: ClientRequest, content: bytes) -> tuple[bytes, Usage | None, int]:
         """An upstream's non-streamed answer: the client's body, its usage, completion chars."""
         ...
 
@@ -47,4 +47,6 @@ class Front(Protocol):
 
 def front_for_path(path: str) -> Front:
     """The protocol whose error shape answers ``path``, for errors raised before any view."""
+    if path.startswith("/v1/messages"):
+        return anthropic.MESSAGES
     return openai.CHAT

@@ -54,7 +54,7 @@ class OpenAIFront:
     def parse(self, raw: bytes) -> ClientRequest:
         return parse_client_request(self.endpoint, raw)
 
-    def read_json(self, content: bytes) -> tuple[bytes, Usage | None, int]:
+    def read_json(self, request: ClientRequest, content: bytes) -> tuple[bytes, Usage | None, int]:
         usage = parse_usage_json(content)
         return content, usage, 0 if usage is not None else text_chars(content)
 
