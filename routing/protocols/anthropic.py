@@ -18,9 +18,9 @@ from typing import Any
 from django.http import HttpResponse, JsonResponse
 
 from billing.usage import Usage, estimate_text_tokens, parse_usage
+from providers.upstream import upstream_message
 from routing.dispatcher import ProviderPreferences
 from routing.errors import GatewayError, UpstreamRefused
-from routing.failures import upstream_message
 from routing.requests import ClientRequest, load_body, prompt_token_estimate
 from routing.sse import events_of
 
