@@ -1,12 +1,14 @@
 """Client key limits on ``/v1``: expiry, allowed models and IPs, per-minute rates and budgets.
 
-The checks read the routing snapshot (``KeyLimits``) and the Django cache only. Counters are
-integers in the cache (nano-dollars for money), changed with atomic ``incr``/``add``, so several
-gateway processes share them when the cache is Redis. A budget counter holds what the key spent
-in its period plus what requests in flight have reserved: a request reserves its estimated cost
-when it starts and settles the real cost when it ends, so a burst of parallel requests overspends
-by at most what is reserved in flight. A missing counter (first use, evicted, Redis restarted)
-starts from the spend persisted on the key.
+The checks read the routing snapshot (``KeyLimits``) and the counters (``billing.counters``: Redis
+when configured, so several gateway processes share them, else this process's). Counters are
+integers (nano-dollars for money). A budget counter holds what the key spent in its period plus
+what requests in flight have reserved: a request is admitted while that total is below the budget
+and reserves its estimate; before an attempt at a dearer candidate the reservation grows to that
+candidate's estimate only if the total stays within the budget (``cover``); the request settles
+its real cost when it ends. So the total passes the budget by at most one request's reservation,
+however many run at once. A missing counter (first use, expired, Redis restarted) starts from the
+spend persisted on the key.
 """
 
 from __future__ import annotations
@@ -15,14 +17,20 @@ import fnmatch
 import ipaddress
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
 
-from django.core.cache import DEFAULT_CACHE_ALIAS, cache, caches
-from django.core.cache.backends.locmem import LocMemCache
 from django.utils import timezone
 
+from billing.counters import (
+    BUDGET_REFUSED,
+    NEEDS_SEED,
+    RPM_REFUSED,
+    TPM_REFUSED,
+    Admission,
+    Counters,
+)
 from billing.models import ApiKey, budget_period_start
 from keyaos.lib.errors import GatewayError
 
@@ -69,7 +77,7 @@ class KeyLimits:
 
     @property
     def metered(self) -> bool:
-        """True when requests need counters in the cache."""
+        """True when requests need counters."""
         return bool(self.budget_usd is not None or self.rpm_limit or self.tpm_limit)
 
     def check_access(self, client_ip: str | None, now: datetime | None = None) -> None:
@@ -153,6 +161,7 @@ class Reservation:
     """What one admitted request holds in the counters until it settles."""
 
     limits: KeyLimits
+    shared: bool = False  # held in Redis rather than this process's counters
     budget_key: str | None = None
     reserved_nanos: int = 0
     tokens_key: str | None = None
@@ -178,6 +187,7 @@ def persisted_spend(key_id: int, period: str, start: datetime | None) -> Decimal
 
 
 async def admit(
+    counters: Counters,
     limits: KeyLimits,
     *,
     estimated_cost_usd: Decimal,
@@ -187,76 +197,101 @@ async def admit(
 ) -> Reservation:
     """Count a request against the key's rates and budget, or raise LimitExceeded (429).
 
-    ``load_spent(key_id, period, period_start)`` reads the persisted spend; it is called only when
-    the budget counter is missing from the cache.
+    One round trip to the counters; ``load_spent(key_id, period, period_start)`` reads the
+    persisted spend, only when the budget counter is missing (then one more round trip).
     """
     now = time.time() if now is None else now
     window = int(now) // WINDOW_S
     retry_after = WINDOW_S - int(now) % WINDOW_S
-    reservation = Reservation(limits)
+    ask = Admission(window_ttl_s=WINDOW_S * 2)
     if limits.rpm_limit:
-        count = await _incr(f"limits:rpm:{limits.key_id}:{window}", 1, WINDOW_S * 2)
-        if count > limits.rpm_limit:
-            raise _rate_limited(f"{limits.rpm_limit} requests per minute", retry_after)
+        ask = replace(ask, rpm_key=f"rpm:{limits.key_id}:{window}", rpm_limit=limits.rpm_limit)
     if limits.tpm_limit:
-        tokens_key = f"limits:tpm:{limits.key_id}:{window}"
-        used = await _incr(tokens_key, estimated_tokens, WINDOW_S * 2)
-        if used - estimated_tokens >= limits.tpm_limit:
-            await _adjust(tokens_key, -estimated_tokens)
-            raise _rate_limited(f"{limits.tpm_limit} tokens per minute", retry_after)
-        reservation.tokens_key, reservation.reserved_tokens = tokens_key, estimated_tokens
+        ask = replace(
+            ask,
+            tpm_key=f"tpm:{limits.key_id}:{window}",
+            tpm_limit=limits.tpm_limit,
+            tokens=estimated_tokens,
+        )
+    start = None
     if limits.budget_usd is not None:
-        try:
-            await _reserve_budget(limits, reservation, estimated_cost_usd, load_spent)
-        except LimitExceeded:
-            await release(reservation)
-            raise
+        current = timezone.now()
+        start = budget_period_start(limits.budget_period, current)
+        ends = next_period_start(limits.budget_period, current)
+        ask = replace(
+            ask,
+            budget_key=f"budget:{limits.key_id}:{start.date().isoformat() if start else 'all'}",
+            budget_nanos=to_nanos(limits.budget_usd),
+            reserve_nanos=max(to_nanos(estimated_cost_usd), 0),
+            budget_ttl_s=0 if ends is None else int((ends - current).total_seconds()) + 3600,
+        )
+    verdict, shared = await counters.admit(ask)
+    if verdict == NEEDS_SEED:
+        spent = await load_spent(limits.key_id, limits.budget_period, start)
+        verdict, shared = await counters.admit(replace(ask, seed_nanos=to_nanos(spent)))
+    if verdict == RPM_REFUSED:
+        raise _rate_limited(f"{limits.rpm_limit} requests per minute", retry_after)
+    if verdict == TPM_REFUSED:
+        raise _rate_limited(f"{limits.tpm_limit} tokens per minute", retry_after)
+    if verdict == BUDGET_REFUSED:
+        raise _budget_exceeded(limits, start)
+    reservation = Reservation(limits, shared=shared)
+    if ask.tpm_key:
+        reservation.tokens_key, reservation.reserved_tokens = ask.tpm_key, ask.tokens
+    if ask.budget_key:
+        reservation.budget_key, reservation.reserved_nanos = ask.budget_key, ask.reserve_nanos
     return reservation
 
 
-async def settle(reservation: Reservation, *, cost_usd: Decimal, tokens: int) -> None:
+async def cover(counters: Counters, reservation: Reservation, estimated_cost_usd: Decimal) -> None:
+    """Make the reservation cover ``estimated_cost_usd`` (an attempt at a dearer candidate), or
+    raise the budget's LimitExceeded when the difference no longer fits in the budget."""
+    if reservation.budget_key is None or reservation.settled:
+        return
+    delta = to_nanos(estimated_cost_usd) - reservation.reserved_nanos
+    if delta <= 0:
+        return
+    limits = reservation.limits
+    if not await counters.top_up(
+        reservation.budget_key, delta, to_nanos(limits.budget_usd), shared=reservation.shared
+    ):
+        start = budget_period_start(limits.budget_period, timezone.now())
+        raise _budget_exceeded(limits, start)
+    reservation.reserved_nanos += delta
+
+
+async def settle(
+    counters: Counters, reservation: Reservation, *, cost_usd: Decimal, tokens: int
+) -> None:
     """Replace what the request reserved by what it really cost and used. Runs once."""
     if reservation.settled:
         return
     reservation.settled = True
+    deltas: dict[str, int] = {}
+    spent: dict[str, int] = {}
     if reservation.budget_key is not None:
-        await _adjust(reservation.budget_key, to_nanos(cost_usd) - reservation.reserved_nanos)
+        spent[reservation.budget_key] = to_nanos(cost_usd)
+        deltas[reservation.budget_key] = spent[reservation.budget_key] - reservation.reserved_nanos
     if reservation.tokens_key is not None:
-        await _adjust(reservation.tokens_key, tokens - reservation.reserved_tokens)
+        spent[reservation.tokens_key] = tokens
+        deltas[reservation.tokens_key] = tokens - reservation.reserved_tokens
+    if deltas:
+        await counters.adjust(deltas, shared=reservation.shared, spent=spent)
 
 
-async def release(reservation: Reservation) -> None:
+async def release(counters: Counters, reservation: Reservation) -> None:
     """Give back what a refused request reserved."""
-    await settle(reservation, cost_usd=Decimal(0), tokens=0)
+    await settle(counters, reservation, cost_usd=Decimal(0), tokens=0)
 
 
-async def _reserve_budget(
-    limits: KeyLimits,
-    reservation: Reservation,
-    estimated_cost_usd: Decimal,
-    load_spent: SpentLoader,
-) -> None:
-    current = timezone.now()
-    start = budget_period_start(limits.budget_period, current)
-    budget_key = f"limits:budget:{limits.key_id}:{start.date().isoformat() if start else 'all'}"
-    reserve = max(to_nanos(estimated_cost_usd), 0)
-    if await _get(budget_key) is None:
-        spent = await load_spent(limits.key_id, limits.budget_period, start)
-        ends = next_period_start(limits.budget_period, current)
-        timeout = None if ends is None else (ends - current).total_seconds() + 3600
-        await _add(budget_key, to_nanos(spent), timeout)
-    total = await _incr(budget_key, reserve, None)
-    budget = to_nanos(limits.budget_usd)
-    if total - reserve >= budget:
-        await _adjust(budget_key, -reserve)
-        period = "" if start is None else f" this {limits.budget_period}"
-        raise LimitExceeded(
-            429,
-            f"This API key has used its budget of {limits.budget_usd.normalize():f} USD{period}.",
-            code="budget_exceeded",
-            type="insufficient_quota",
-        )
-    reservation.budget_key, reservation.reserved_nanos = budget_key, reserve
+def _budget_exceeded(limits: KeyLimits, start: datetime | None) -> LimitExceeded:
+    period = "" if start is None else f" this {limits.budget_period}"
+    return LimitExceeded(
+        429,
+        f"This API key has used its budget of {limits.budget_usd.normalize():f} USD{period}.",
+        code="budget_exceeded",
+        type="insufficient_quota",
+    )
 
 
 def _rate_limited(limit: str, retry_after_s: int) -> LimitExceeded:
@@ -267,42 +302,3 @@ def _rate_limited(limit: str, retry_after_s: int) -> LimitExceeded:
         type="rate_limit_error",
         retry_after_s=retry_after_s,
     )
-
-
-# Local memory is a dict under a lock: calling it directly saves a thread hop per operation.
-# Any other backend does I/O and goes through Django's async cache API.
-
-
-def _local() -> bool:
-    return isinstance(caches[DEFAULT_CACHE_ALIAS], LocMemCache)
-
-
-async def _get(key: str) -> int | None:
-    return cache.get(key) if _local() else await cache.aget(key)
-
-
-async def _add(key: str, value: int, timeout: float | None) -> bool:
-    return cache.add(key, value, timeout) if _local() else await cache.aadd(key, value, timeout)
-
-
-async def _incr(key: str, delta: int, timeout: float | None) -> int:
-    """Add ``delta`` to a counter, creating it at ``delta`` when missing; atomic either way."""
-    for _ in range(3):
-        try:
-            return cache.incr(key, delta) if _local() else await cache.aincr(key, delta)
-        except ValueError:
-            if await _add(key, delta, timeout):
-                return delta
-    return cache.incr(key, delta) if _local() else await cache.aincr(key, delta)
-
-
-async def _adjust(key: str, delta: int) -> None:
-    if delta == 0:
-        return
-    try:
-        if _local():
-            cache.incr(key, delta)
-        else:
-            await cache.aincr(key, delta)
-    except ValueError:
-        pass  # the counter expired or was evicted; it restarts from the persisted spend

@@ -233,3 +233,6 @@ KEYAOS_LOW_BALANCE_USD = env_decimal("KEYAOS_LOW_BALANCE_USD", "1")
 KEYAOS_IDENTITY_SOURCE_URL = env_str(
     "KEYAOS_IDENTITY_SOURCE_URL", "https://openrouter.ai/api/v1/models"
 )
+# Client key limit counters in Redis: how long one call may take, how often to retry after failure.
+KEYAOS_REDIS_TIMEOUT_S = env_float("KEYAOS_REDIS_TIMEOUT_S", 0.5, minimum=0.01)
+KEYAOS_REDIS_RETRY_S = env_float("KEYAOS_REDIS_RETRY_S", 2.0, minimum=0.1)

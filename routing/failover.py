@@ -290,6 +290,7 @@ class Exchange:
         if limits is None or not limits.metered:
             return
         self.reservation = await admit(
+            self.runtime.counters,
             limits,
             estimated_cost_usd=top.estimated_cost_usd,
             estimated_tokens=self.request.prompt_tokens,
@@ -298,7 +299,9 @@ class Exchange:
 
     def _settle(self, *, cost_usd: Decimal, tokens: int) -> None:
         if self.reservation is not None and not self.reservation.settled:
-            self.runtime.spawn(settle(self.reservation, cost_usd=cost_usd, tokens=tokens))
+            self.runtime.spawn(
+                settle(self.runtime.counters, self.reservation, cost_usd=cost_usd, tokens=tokens)
+            )
 
     async def _attempt(self, candidate: Candidate, started: float) -> Answer | AttemptFailure:
         offer, key = candidate.offer, candidate.key

@@ -14,6 +14,7 @@ import httpx
 from django.conf import settings
 from httpx_aiohttp import AiohttpTransport
 
+from billing.counters import Counters
 from billing.recorder import LedgerWriter
 from keyaos.lib.db import db_task
 from routing.health import HealthBoard
@@ -30,6 +31,7 @@ class Runtime:
         self.snapshot: Snapshot | None = None
         self.board = HealthBoard()
         self.ledger = LedgerWriter()
+        self.counters = new_counters()
         self.client: httpx.AsyncClient | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._poller: asyncio.Task | None = None
@@ -50,6 +52,7 @@ class Runtime:
         if self.loop is not loop:
             self.loop, self._starting, self._reloading = loop, asyncio.Lock(), asyncio.Lock()
             self.snapshot, self.client = None, None
+            self.counters = new_counters()  # a Redis connection belongs to one event loop
         async with self._starting:
             if self.snapshot is not None:
                 return
@@ -73,6 +76,7 @@ class Runtime:
         await self.ledger.stop()
         if self.client is not None:
             await self.client.aclose()
+        await self.counters.close()
         self.snapshot, self.client, self.loop = None, None, None
 
     def spawn(self, coroutine) -> asyncio.Task:
@@ -116,6 +120,14 @@ class Runtime:
                 self._poll_failing = True
             else:
                 self._poll_failing = False
+
+
+def new_counters() -> Counters:
+    return Counters(
+        settings.REDIS_URL,
+        timeout_s=settings.KEYAOS_REDIS_TIMEOUT_S,
+        retry_s=settings.KEYAOS_REDIS_RETRY_S,
+    )
 
 
 def new_upstream_client() -> httpx.AsyncClient:

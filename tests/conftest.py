@@ -73,10 +73,11 @@ class Gateway:
         from django.core.cache import cache
 
         from routing.health import HealthBoard
-        from routing.runtime import runtime
+        from routing.runtime import new_counters, runtime
 
         cache.clear()
         runtime.board = HealthBoard()
+        runtime.counters = new_counters()
 
     def stop(self) -> None:
         from tests.fake_upstream import stop_server

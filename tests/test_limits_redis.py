@@ -1,0 +1,226 @@
+"""Client key limits with Redis: shared counters, and a Redis outage that degrades, never fails.
+
+Each test starts its own redis-server on a free port (never the shared one), stops and restarts
+it as the scenario needs, and removes it afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import subprocess
+import time
+from collections import Counter
+from decimal import Decimal
+
+import httpx
+import pytest
+
+from billing.counters import Counters
+from billing.limits import KeyLimits, LimitExceeded, admit, settle
+from billing.models import ApiKey, LedgerEntry
+from tests.factories import make_key, make_offer, make_provider
+from tests.fake_upstream import chat_completion, free_port
+
+MODEL = "openai/gpt-4o-mini"
+PATH = "/openrouter/api/v1/chat/completions"
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
+
+
+class OwnRedis:
+    """A redis-server of this test's own, without persistence: a restart starts empty."""
+
+    def __init__(self, directory) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            probe = subprocess.run(
+                ["redis-cli", "-p", str(self.port), "ping"], capture_output=True, text=True
+            )
+            if probe.stdout.strip() == "PONG":
+                return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+
+    def get(self, key: str) -> str:
+        result = subprocess.run(
+            ["redis-cli", "-p", str(self.port), "get", key], capture_output=True, text=True
+        )
+        return result.stdout.strip()
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    server = OwnRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_gateway(gateway, fake_upstream, own_redis):
+    """The gateway counting limits in the test's own Redis."""
+
+    async def use_own_redis():
+        from routing.runtime import runtime
+
+        await runtime.counters.close()
+        runtime.counters = Counters(own_redis.url, timeout_s=0.5, retry_s=0.5)
+
+    gateway.run(use_own_redis())
+    provider = make_provider("openrouter", fake_upstream.url("openrouter/api/v1"))
+    make_offer(provider, MODEL, input="1", output="2")
+    make_key(provider, "sk-or-v1-" + "r" * 40)
+    fake_upstream.reply(
+        "POST",
+        PATH,
+        json_body=chat_completion(MODEL, prompt_tokens=5, completion_tokens=50, total_tokens=55),
+    )
+    yield gateway
+    gateway.reset_health()
+
+
+def limited_key(gateway, **limits) -> str:
+    _, plain = ApiKey.create_key(name="limited", **limits)
+    gateway.reload()
+    return plain
+
+
+def counter_state():
+    from routing.runtime import runtime
+
+    return runtime.counters.state()
+
+
+def test_the_counters_live_in_redis(redis_gateway, own_redis):
+    plain = limited_key(redis_gateway, budget_usd=Decimal("1"), rpm_limit=1000)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 50}
+
+    response = httpx.post(
+        redis_gateway.url + "/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {plain}"},
+    )
+
+    assert response.status_code == 200
+    redis_gateway.flush_ledger()
+    api_key = ApiKey.objects.get(name="limited")
+    # 5 prompt tokens x 1 + 50 completion tokens x 2 USD per 1M = 0.000105 USD = 105,000 nano-USD
+    assert own_redis.get(f"keyaos:limits:budget:{api_key.pk}:all") == "105000"
+    assert counter_state().backend == "redis"
+
+
+def test_two_gateway_processes_share_budget_counters(own_redis):
+    limits = KeyLimits(key_id=42, budget_usd=Decimal("0.01"), rpm_limit=5)
+
+    async def load_spent(*_args):
+        return Decimal("0")
+
+    async def two_processes():
+        first_process, second_process = Counters(own_redis.url), Counters(own_redis.url)
+        ask = {"estimated_tokens": 10, "load_spent": load_spent}
+        first = await admit(first_process, limits, estimated_cost_usd=Decimal("0.006"), **ask)
+        await settle(first_process, first, cost_usd=Decimal("0.006"), tokens=10)
+        second = await admit(second_process, limits, estimated_cost_usd=Decimal("0.006"), **ask)
+        with pytest.raises(LimitExceeded) as refused:
+            await admit(first_process, limits, estimated_cost_usd=Decimal("0.001"), **ask)
+        assert own_redis.get("keyaos:limits:budget:42:all") == "12000000"  # nano-dollars
+        await settle(second_process, second, cost_usd=Decimal("0.002"), tokens=10)
+        await first_process.close()
+        await second_process.close()
+        return refused.value
+
+    refusal = asyncio.run(two_processes())
+
+    assert refusal.code == "budget_exceeded"
+    assert own_redis.get("keyaos:limits:budget:42:all") == "8000000"
+
+
+async def _load(url: str, plain: str, until: float, workers: int) -> list[httpx.Response]:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 50}
+    responses: list[httpx.Response] = []
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while time.monotonic() < until:
+            responses.append(
+                await client.post(
+                    url + "/chat/completions",
+                    json=body,
+                    headers={"Authorization": f"Bearer {plain}"},
+                )
+            )
+            await asyncio.sleep(0.01)
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        await asyncio.gather(*(worker(client) for _ in range(workers)))
+    return responses
+
+
+@pytest.mark.slow
+def test_redis_stopped_for_10_s_under_load_gives_no_5xx(redis_gateway, own_redis, caplog):
+    plain = limited_key(redis_gateway, budget_usd=Decimal("100"), rpm_limit=100_000)
+    outage_s = 10
+    states = []
+
+    async def scenario():
+        started = time.monotonic()
+        load = asyncio.create_task(
+            _load(redis_gateway.url, plain, started + outage_s + 5, workers=8)
+        )
+        await asyncio.sleep(2)
+        await asyncio.to_thread(own_redis.stop)
+        await asyncio.sleep(outage_s / 2)
+        states.append(counter_state())
+        await asyncio.sleep(outage_s / 2)
+        await asyncio.to_thread(own_redis.start)
+        await asyncio.sleep(2.5)
+        states.append(counter_state())
+        return await load
+
+    with caplog.at_level(logging.WARNING, logger="keyaos.limits"):
+        responses = asyncio.run(scenario())
+
+    statuses = Counter(response.status_code for response in responses)
+    assert statuses == {200: len(responses)}, statuses
+    assert all(response.headers.get("x-request-id") for response in responses)
+    assert len(responses) > 100
+    during, after = states
+    assert (during.backend, during.degraded) == ("local", True)
+    assert (after.backend, after.degraded) == ("redis", False)
+    unreachable = [r for r in caplog.records if "Redis is unreachable" in r.getMessage()]
+    assert len(unreachable) == 1
+    redis_gateway.flush_ledger()
+    assert LedgerEntry.objects.filter(status_code=200).count() == len(responses)
