@@ -15,6 +15,17 @@ from providers.adapters import (
 )
 from providers.models import Provider
 from providers.presets import PRESETS
+from tests.payloads import (
+    deepinfra_model,
+    deepseek_balance,
+    deepseek_balance_info,
+    deepseek_models,
+    openrouter_credits,
+    openrouter_model,
+    zenmux_model,
+    zenmux_tier,
+    zenmux_tiers,
+)
 
 SECRET = "sk-or-v1-test-0123456789abcdef"
 
@@ -25,100 +36,80 @@ def provider_for(fake_upstream, preset: str, prefix: str | None = None, **fields
     return Provider(slug=preset, **values)
 
 
-def tier(value, gte, lt=None):
-    prompt_tokens = {"unit": "kTokens", "gte": gte} | ({"lt": lt} if lt is not None else {})
-    return {
-        "value": value,
-        "unit": "perMTokens",
-        "currency": "USD",
-        "conditions": {"prompt_tokens": prompt_tokens},
-    }
-
-
 OPENROUTER_MODELS = {
     "data": [
-        {
-            "id": "google/gemini-2.5-pro",
-            "name": "Google: Gemini 2.5 Pro",
-            "context_length": 1048576,
-            "architecture": {"modality": "text+image->text"},
-            "pricing": {
-                "prompt": "0.00000125",
-                "completion": "0.00001",
-                "input_cache_read": "0.00000031",
-                "input_cache_write": "0.000001625",
-                "image": "0.00516",
-                "request": "0",
-            },
-        },
-        {
-            "id": "deepseek/deepseek-chat",
-            "name": "DeepSeek: DeepSeek V3",
-            "context_length": 163840,
-            "pricing": {"prompt": "0.0000003", "completion": "0.00000085"},
-        },
-        {
-            "id": "openrouter/auto",
-            "name": "Auto Router",
-            "context_length": 2000000,
-            "pricing": {"prompt": "-1", "completion": "-1"},
-        },
+        openrouter_model(
+            "google/gemini-2.5-pro",
+            name="Google: Gemini 2.5 Pro",
+            context_length=1048576,
+            modality="text+image->text",
+            prompt="0.00000125",
+            completion="0.00001",
+            cache_read="0.00000031",
+            input_cache_write="0.000001625",
+            image="0.00516",
+            request="0",
+        ),
+        openrouter_model(
+            "deepseek/deepseek-chat",
+            name="DeepSeek: DeepSeek V3",
+            context_length=163840,
+            prompt="0.0000003",
+            completion="0.00000085",
+            cache_read=None,
+        ),
+        openrouter_model(
+            "openrouter/auto",
+            name="Auto Router",
+            context_length=2000000,
+            prompt="-1",
+            completion="-1",
+            cache_read=None,
+        ),
     ]
 }
 OPENROUTER_EMBEDDINGS = {
     "data": [
-        {
-            "id": "openai/text-embedding-3-small",
-            "name": "OpenAI: Text Embedding 3 Small",
-            "context_length": 8192,
-            "pricing": {"prompt": "0.00000002", "completion": "0"},
-        }
+        openrouter_model(
+            "openai/text-embedding-3-small",
+            name="OpenAI: Text Embedding 3 Small",
+            context_length=8192,
+            prompt="0.00000002",
+            completion="0",
+            cache_read=None,
+        )
     ]
 }
 DEEPINFRA_MODELS = {
     "object": "list",
     "data": [
-        {
-            "id": "Qwen/Qwen3-Max",
-            "object": "model",
-            "owned_by": "deepinfra",
-            "metadata": {
-                "description": "Qwen3 Max",
-                "context_length": 262144,
-                "max_tokens": 65536,
-                "pricing": {"input_tokens": 1.2, "output_tokens": 6, "cache_read_tokens": 0.24},
-                "tags": ["prompt_cache"],
-            },
-        },
-        {
-            "id": "BAAI/bge-m3",
-            "object": "model",
-            "metadata": {"context_length": 8192, "pricing": {"input_tokens": 0.01}, "tags": []},
-        },
+        deepinfra_model(
+            "Qwen/Qwen3-Max",
+            1.2,
+            6,
+            cache_read=0.24,
+            context_length=262144,
+            description="Qwen3 Max",
+            max_tokens=65536,
+            tags=["prompt_cache"],
+        )
+        | {"owned_by": "deepinfra"},
+        deepinfra_model("BAAI/bge-m3", 0.01, None, context_length=8192, tags=[]),
         {"id": "someone/private-finetune", "object": "model", "metadata": None},
     ],
 }
 ZENMUX_MODELS = {
     "data": [
-        {
-            "id": "google/gemini-2.5-pro",
-            "display_name": "Gemini 2.5 Pro",
-            "context_length": 1048576,
-            "pricings": {
-                "prompt": [tier(1.25, 0, 200), tier(2.5, 200)],
-                "completion": [tier(10, 0, 200), tier(15, 200)],
-                "input_cache_read": [tier(0.31, 0, 200), tier(0.625, 200)],
-            },
-        }
+        zenmux_model(
+            "google/gemini-2.5-pro",
+            display_name="Gemini 2.5 Pro",
+            prompt=zenmux_tiers(1.25, 2.5),
+            completion=zenmux_tiers(10, 15),
+            cache_read=zenmux_tiers(0.31, 0.625),
+        )
     ]
 }
-DEEPSEEK_MODELS = {
-    "object": "list",
-    "data": [
-        {"id": "deepseek-chat", "object": "model", "owned_by": "deepseek"},
-        {"id": "deepseek-reasoner", "object": "model", "owned_by": "deepseek"},
-    ],
-}
+DEEPSEEK_MODELS = deepseek_models("deepseek-chat", "deepseek-reasoner")
 
 
 def by_id(entries):
@@ -211,7 +202,7 @@ class TestZenMuxCatalog:
 
     def test_it_rejects_a_price_unit_it_does_not_know(self, fake_upstream):
         model = ZENMUX_MODELS["data"][0] | {
-            "pricings": {"prompt": [tier(1.25, 0) | {"unit": "perKTokens"}]}
+            "pricings": {"prompt": [zenmux_tier(1.25, 0) | {"unit": "perKTokens"}]}
         }
         fake_upstream.reply("GET", "/zenmux/models", json_body={"data": [model]})
 
@@ -296,7 +287,7 @@ class TestBalances:
         fake_upstream.reply(
             "GET",
             "/openrouter/credits",
-            json_body={"data": {"total_credits": 15.5, "total_usage": 2.25}},
+            json_body=openrouter_credits(15.5, 2.25),
         )
 
         balance = fetch_balance(provider_for(fake_upstream, "openrouter"), SECRET)
@@ -308,23 +299,10 @@ class TestBalances:
         fake_upstream.reply(
             "GET",
             "/deepseek/user/balance",
-            json_body={
-                "is_available": True,
-                "balance_infos": [
-                    {
-                        "currency": "USD",
-                        "total_balance": "1.00",
-                        "granted_balance": "0.00",
-                        "topped_up_balance": "1.00",
-                    },
-                    {
-                        "currency": "CNY",
-                        "total_balance": "110.50",
-                        "granted_balance": "10.00",
-                        "topped_up_balance": "100.50",
-                    },
-                ],
-            },
+            json_body=deepseek_balance(
+                deepseek_balance_info("USD", "1.00"),
+                deepseek_balance_info("CNY", "110.50", granted="10.00"),
+            ),
         )
 
         balance = fetch_balance(provider_for(fake_upstream, "deepseek"), SECRET)
@@ -337,10 +315,7 @@ class TestBalances:
         fake_upstream.reply(
             "GET",
             "/deepseek/user/balance",
-            json_body={
-                "is_available": True,
-                "balance_infos": [{"currency": "USD", "total_balance": "5"}],
-            },
+            json_body=deepseek_balance(deepseek_balance_info("USD", "5")),
         )
 
         with pytest.raises(BalanceError, match="no balance in CNY"):

@@ -13,6 +13,7 @@ from django.utils import timezone
 from billing.models import ApiKey, CurrencyRate, hash_api_key
 from providers import services
 from providers.models import ModelOffer, Provider, RefreshResult, RefreshRun, UpstreamKey
+from tests.payloads import openrouter_credits, openrouter_model, serve_openrouter
 
 pytestmark = pytest.mark.django_db
 
@@ -62,20 +63,6 @@ def catalog(openrouter) -> dict[str, object]:
 
 def messages_of(response) -> list[str]:
     return [str(message) for message in response.context["messages"]]
-
-
-def openrouter_models(*models: tuple[str, str, str]) -> dict:
-    return {
-        "data": [
-            {
-                "id": model_id,
-                "name": model_id,
-                "context_length": 128000,
-                "pricing": {"prompt": prompt, "completion": completion},
-            }
-            for model_id, prompt, completion in models
-        ]
-    }
 
 
 def queries_for(client, url: str) -> int:
@@ -346,7 +333,7 @@ class TestUpstreamKeyAdmin:
         fake_upstream.reply(
             "GET",
             "/openrouter/api/v1/credits",
-            json_body={"data": {"total_credits": 20, "total_usage": 7.5}},
+            json_body=openrouter_credits(20, 7.5),
         )
 
         response = admin_client.post(
@@ -398,15 +385,14 @@ class TestModelOfferAdmin:
         self, admin_client, openrouter, fake_upstream
     ):
         pytest.importorskip("providers.refresh")
-        fake_upstream.reply(
-            "GET",
-            "/openrouter/api/v1/models",
-            json_body=openrouter_models(
-                ("openai/gpt-4o", "0.0000025", "0.00001"),
-                ("deepseek/deepseek-chat", "0.00000028", "0.00000042"),
+        serve_openrouter(
+            fake_upstream,
+            openrouter_model("openai/gpt-4o", prompt="0.0000025", completion="0.00001"),
+            openrouter_model(
+                "deepseek/deepseek-chat", prompt="0.00000028", completion="0.00000042"
             ),
+            prefix="openrouter/api/v1",
         )
-        fake_upstream.reply("GET", "/openrouter/api/v1/embeddings/models", json_body={"data": []})
 
         response = admin_client.post(reverse("admin:providers_modeloffer_refresh"), follow=True)
 

@@ -10,7 +10,7 @@ import pytest
 from providers.models import BalanceReading, UpstreamKey
 from providers.refresh import refresh_providers, store_balance
 from tests.factories import make_client_key, make_key, make_offer, make_provider
-from tests.fake_upstream import chat_completion
+from tests.payloads import chat_completion, openrouter_credits, openrouter_model, serve_openrouter
 
 MODEL = "openai/gpt-4o-mini"
 PREFIX = "openrouter/api/v1"
@@ -33,21 +33,11 @@ def openrouter(gateway, fake_upstream):
         f"/{PREFIX}/chat/completions",
         json_body=chat_completion(MODEL, prompt_tokens=12, completion_tokens=3, cost=0.0000036),
     )
-    fake_upstream.reply(
-        "GET",
-        f"/{PREFIX}/models",
-        json_body={
-            "data": [
-                {
-                    "id": MODEL,
-                    "name": MODEL,
-                    "context_length": 128000,
-                    "pricing": {"prompt": "0.00000015", "completion": "0.0000006"},
-                }
-            ]
-        },
+    serve_openrouter(
+        fake_upstream,
+        openrouter_model(MODEL, prompt="0.00000015", completion="0.0000006", cache_read=None),
+        prefix=PREFIX,
     )
-    fake_upstream.reply("GET", f"/{PREFIX}/embeddings/models", json_body={"data": []})
     return key, client_key
 
 
@@ -78,7 +68,7 @@ def test_an_exhausted_key_leaves_routing_and_returns_after_a_refresh_shows_credi
     fake_upstream.reply(
         "GET",
         f"/{PREFIX}/credits",
-        json_body={"data": {"total_credits": 10, "total_usage": 1.5}},
+        json_body=openrouter_credits(10, 1.5),
     )
     refresh_providers(trigger="command")
     gateway.reload()

@@ -8,7 +8,7 @@ import pytest
 
 from billing.models import LedgerEntry
 from tests.factories import make_client_key, make_key, make_offer, make_provider
-from tests.fake_upstream import chat_chunks, chat_completion
+from tests.payloads import chat_chunks, chat_completion
 
 
 @pytest.fixture

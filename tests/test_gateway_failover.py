@@ -8,7 +8,8 @@ import pytest
 from billing.models import Attempt, LedgerEntry
 from providers.models import Provider, UpstreamKey
 from tests.factories import make_client_key, make_key, make_offer, make_provider
-from tests.fake_upstream import Reply, chat_completion
+from tests.fake_upstream import Reply
+from tests.payloads import chat_completion
 
 MODEL = "meta-llama/llama-3.3-70b-instruct"
 CHEAP = "/cheap/v1/chat/completions"

@@ -10,7 +10,7 @@ from django.core.management import call_command
 
 from billing.models import ApiKey, LedgerEntry
 from tests.factories import make_client_key, make_key, make_offer, make_provider
-from tests.fake_upstream import chat_completion
+from tests.payloads import chat_completion
 
 MODEL = "openai/gpt-4o-mini"
 

@@ -12,7 +12,7 @@ import pytest
 
 from billing.models import ApiKey, LedgerEntry
 from tests.factories import make_client_key, make_key, make_offer, make_provider
-from tests.fake_upstream import (
+from tests.payloads import (
     chat_chunks,
     chat_completion,
     tool_call_chunks,

@@ -11,7 +11,8 @@ import pytest
 
 from billing.models import LedgerEntry
 from tests.factories import make_client_key, make_key, make_offer, make_provider
-from tests.fake_upstream import chat_chunks, sse
+from tests.fake_upstream import sse
+from tests.payloads import chat_chunks
 
 MODEL = "openai/gpt-4o-mini"
 PATH = "/or/api/v1/chat/completions"

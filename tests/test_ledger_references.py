@@ -10,7 +10,7 @@ import pytest
 from billing.models import ApiKey, LedgerEntry
 from providers.models import UpstreamKey
 from tests.factories import make_client_key, make_key, make_offer, make_provider
-from tests.fake_upstream import chat_chunks, chat_completion
+from tests.payloads import chat_chunks, chat_completion
 
 MODEL = "openai/gpt-4o-mini"
 

@@ -15,7 +15,7 @@ from django.utils import timezone
 from billing.limits import KeyLimits
 from billing.models import ApiKey, LedgerEntry, budget_period_start
 from tests.factories import make_key, make_offer, make_provider
-from tests.fake_upstream import chat_chunks, chat_completion
+from tests.payloads import chat_chunks, chat_completion
 
 MODEL = "openai/gpt-4o-mini"
 PATH = "/openrouter/api/v1/chat/completions"

@@ -11,7 +11,7 @@ from django.test import override_settings
 from providers.models import ModelAlias, ModelOffer, PublishedIdentity
 from providers.refresh import IDENTITY_SOURCE_SLUG, refresh_providers
 from tests.factories import make_client_key, make_key, make_provider
-from tests.fake_upstream import (
+from tests.payloads import (
     chat_completion,
     deepinfra_model,
     openrouter_model,

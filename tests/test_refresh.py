@@ -17,6 +17,17 @@ from providers.models import (
 from providers.presets import PRESETS
 from providers.refresh import UnknownProvider, refresh_providers
 from routing.models import SnapshotVersion
+from tests.payloads import (
+    deepinfra_model,
+    deepseek_balance,
+    deepseek_balance_info,
+    deepseek_models,
+    openrouter_credits,
+    openrouter_model,
+    serve_openrouter,
+    zenmux_model,
+    zenmux_tiers,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -33,42 +44,6 @@ def make_key(provider: Provider, label: str = "main", **fields) -> UpstreamKey:
     key.set_secret(f"sk-or-v1-test-{provider.slug}-{label}-0123456789")
     key.save()
     return key
-
-
-def openrouter_model(model_id: str, prompt: str = "0.000001", completion: str = "0.000002"):
-    return {
-        "id": model_id,
-        "name": model_id.title(),
-        "context_length": 128000,
-        "pricing": {"prompt": prompt, "completion": completion, "input_cache_read": "0.0000001"},
-    }
-
-
-def serve_openrouter(fake_upstream, *models, slug: str = "openrouter") -> None:
-    fake_upstream.reply("GET", f"/{slug}/models", json_body={"data": list(models)})
-    fake_upstream.reply("GET", f"/{slug}/embeddings/models", json_body={"data": []})
-
-
-def deepinfra_model(model_id: str, input_price=0.5, output_price=1.5):
-    pricing = {"input_tokens": input_price, "output_tokens": output_price}
-    return {"id": model_id, "metadata": {"context_length": 32768, "pricing": pricing}}
-
-
-def zenmux_model(model_id: str, base: float, long: float):
-    def tiers(value, long_value):
-        return [
-            {"value": value, "unit": "perMTokens", "currency": "USD",
-             "conditions": {"prompt_tokens": {"unit": "kTokens", "gte": 0, "lt": 200}}},
-            {"value": long_value, "unit": "perMTokens", "currency": "USD",
-             "conditions": {"prompt_tokens": {"unit": "kTokens", "gte": 200}}},
-        ]  # fmt: skip
-
-    return {
-        "id": model_id,
-        "display_name": model_id,
-        "context_length": 1048576,
-        "pricings": {"prompt": tiers(base, long), "completion": tiers(base * 8, long * 6)},
-    }
 
 
 def offer(provider: Provider, upstream_model_id: str) -> ModelOffer:
@@ -89,7 +64,17 @@ class TestCatalogs:
             "GET", "/deepinfra/models", json_body={"data": [deepinfra_model("Qwen/Qwen3-Max")]}
         )
         fake_upstream.reply(
-            "GET", "/zenmux/models", json_body={"data": [zenmux_model("openai/gpt-5", 1.25, 2.5)]}
+            "GET",
+            "/zenmux/models",
+            json_body={
+                "data": [
+                    zenmux_model(
+                        "openai/gpt-5",
+                        prompt=zenmux_tiers(1.25, 2.5),
+                        completion=zenmux_tiers(10, 15),
+                    )
+                ]
+            },
         )
 
         run = refresh_providers(trigger="command")
@@ -144,21 +129,12 @@ class TestCatalogs:
         fake_upstream.reply(
             "GET",
             "/deepseek/models",
-            json_body={
-                "object": "list",
-                "data": [
-                    {"id": "deepseek-chat", "object": "model", "owned_by": "deepseek"},
-                    {"id": "deepseek-reasoner", "object": "model", "owned_by": "deepseek"},
-                ],
-            },
+            json_body=deepseek_models("deepseek-chat", "deepseek-reasoner"),
         )
         fake_upstream.reply(
             "GET",
             "/deepseek/user/balance",
-            json_body={
-                "is_available": True,
-                "balance_infos": [{"currency": "CNY", "total_balance": "5"}],
-            },
+            json_body=deepseek_balance(deepseek_balance_info("CNY", "5")),
         )
 
         run = refresh_providers(trigger="command")
@@ -183,7 +159,7 @@ class TestCatalogs:
             output_price_per_mtok=Decimal("0.9"),
             price_source=ModelOffer.PriceSource.MANUAL,
         )
-        serve_openrouter(fake_upstream, openrouter_model("a/model"))
+        serve_openrouter(fake_upstream, openrouter_model("a/model", name="A/Model"))
 
         refresh_providers(trigger="command")
 
@@ -348,11 +324,23 @@ class TestPriceHistory:
     def test_a_zenmux_tier_change_updates_the_tiers(self, fake_upstream):
         zenmux = make_provider(fake_upstream, "zenmux")
         fake_upstream.reply(
-            "GET", "/zenmux/models", json_body={"data": [zenmux_model("a/m", 1, 2)]}
+            "GET",
+            "/zenmux/models",
+            json_body={
+                "data": [
+                    zenmux_model("a/m", prompt=zenmux_tiers(1, 2), completion=zenmux_tiers(8, 12))
+                ]
+            },
         )
         refresh_providers(trigger="command")
         fake_upstream.reply(
-            "GET", "/zenmux/models", json_body={"data": [zenmux_model("a/m", 1, 3)]}
+            "GET",
+            "/zenmux/models",
+            json_body={
+                "data": [
+                    zenmux_model("a/m", prompt=zenmux_tiers(1, 3), completion=zenmux_tiers(8, 18))
+                ]
+            },
         )
 
         refresh_providers(trigger="command")
@@ -366,9 +354,7 @@ class TestCanonicalIds:
     def test_an_alias_edited_in_the_admin_takes_effect_at_the_next_refresh(self, fake_upstream):
         deepseek = make_provider(fake_upstream, "deepseek")
         make_key(deepseek, balance_source=UpstreamKey.BalanceSource.MANUAL)
-        fake_upstream.reply(
-            "GET", "/deepseek/models", json_body={"data": [{"id": "deepseek-chat"}]}
-        )
+        fake_upstream.reply("GET", "/deepseek/models", json_body=deepseek_models("deepseek-chat"))
         refresh_providers(trigger="command")
         assert offer(deepseek, "deepseek-chat").canonical_id == "deepseek/deepseek-chat"
         ModelAlias.objects.create(
@@ -396,7 +382,7 @@ class TestBalances:
         fake_upstream.reply(
             "GET",
             "/openrouter/credits",
-            json_body={"data": {"total_credits": 10, "total_usage": 2.5}},
+            json_body=openrouter_credits(10, 2.5),
         )
 
         run = refresh_providers(trigger="command")
@@ -413,22 +399,14 @@ class TestBalances:
     def test_it_keeps_a_deepseek_balance_in_cny_even_when_usd_comes_first(self, fake_upstream):
         deepseek = make_provider(fake_upstream, "deepseek")
         key = make_key(deepseek, balance_source=UpstreamKey.BalanceSource.AUTO)
-        fake_upstream.reply(
-            "GET", "/deepseek/models", json_body={"data": [{"id": "deepseek-chat"}]}
-        )
+        fake_upstream.reply("GET", "/deepseek/models", json_body=deepseek_models("deepseek-chat"))
         fake_upstream.reply(
             "GET",
             "/deepseek/user/balance",
-            json_body={
-                "is_available": True,
-                "balance_infos": [
-                    {"currency": "USD", "total_balance": "3.00", "granted_balance": "0.00",
-                     "topped_up_balance": "3.00"},
-                    {"currency": "CNY", "total_balance": "42.17", "granted_balance": "0.00",
-                     "topped_up_balance": "42.17"},
-                ],
-            },
-        )  # fmt: skip
+            json_body=deepseek_balance(
+                deepseek_balance_info("USD", "3.00"), deepseek_balance_info("CNY", "42.17")
+            ),
+        )
 
         refresh_providers(trigger="command")
 
@@ -447,7 +425,7 @@ class TestBalances:
         fake_upstream.reply(
             "GET",
             "/openrouter/credits",
-            json_body={"data": {"total_credits": 20, "total_usage": 0}},
+            json_body=openrouter_credits(20, 0),
         )
 
         refresh_providers(trigger="command")
@@ -464,9 +442,7 @@ class TestBalances:
             health=UpstreamKey.Health.EXHAUSTED,
         )
         serve_openrouter(fake_upstream, openrouter_model("a/m"))
-        fake_upstream.reply(
-            "GET", "/openrouter/credits", json_body={"data": {"total_credits": 5, "total_usage": 5}}
-        )
+        fake_upstream.reply("GET", "/openrouter/credits", json_body=openrouter_credits(5, 5))
 
         refresh_providers(trigger="command")
 

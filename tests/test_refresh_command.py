@@ -12,6 +12,7 @@ from django_q.models import Schedule
 from providers.models import Provider, RefreshRun
 from providers.presets import PRESETS
 from providers.tasks import scheduled_refresh
+from tests.payloads import deepinfra_model, serve_deepinfra
 
 pytestmark = pytest.mark.django_db
 
@@ -25,11 +26,7 @@ def make_provider(fake_upstream, preset: str, slug: str | None = None) -> Provid
 
 
 def serve_models(fake_upstream, slug: str, *ids: str) -> None:
-    models = [
-        {"id": model_id, "metadata": {"pricing": {"input_tokens": 1, "output_tokens": 2}}}
-        for model_id in ids
-    ]
-    fake_upstream.reply("GET", f"/{slug}/models", json_body={"data": models})
+    serve_deepinfra(fake_upstream, *(deepinfra_model(i, 1, 2) for i in ids), prefix=slug)
 
 
 def refresh_models(*args: str) -> str:

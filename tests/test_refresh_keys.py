@@ -12,6 +12,7 @@ from providers.adapters import BalanceError
 from providers.models import Provider, UpstreamKey
 from providers.presets import PRESETS
 from providers.refresh import refresh_key_balance, validate_key
+from tests.payloads import deepseek_balance, deepseek_balance_info
 
 pytestmark = pytest.mark.django_db
 
@@ -109,10 +110,7 @@ class TestRefreshKeyBalance:
         fake_upstream.reply(
             "GET",
             "/deepseek/user/balance",
-            json_body={
-                "is_available": True,
-                "balance_infos": [{"currency": "CNY", "total_balance": "8.8"}],
-            },
+            json_body=deepseek_balance(deepseek_balance_info("CNY", "8.8")),
         )
 
         balance = refresh_key_balance(key)

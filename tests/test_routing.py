@@ -15,7 +15,7 @@ from routing.dispatcher import ProviderPreferences, rank_candidates, resolve_mod
 from routing.health import HealthBoard
 from routing.snapshot import build_snapshot
 from tests.factories import make_client_key, make_key, make_offer, make_provider
-from tests.fake_upstream import chat_completion
+from tests.payloads import chat_completion
 
 MODEL = "deepseek/deepseek-chat"
 

@@ -9,7 +9,8 @@ import pytest
 
 from keyaos.lib.errors import GatewayError
 from routing.protocols.anthropic import MESSAGES, from_chat, input_tokens, to_chat
-from tests.fake_upstream import chat_chunks, chunk, sse, tool_call_chunks
+from tests.fake_upstream import sse
+from tests.payloads import chat_chunks, chunk, tool_call_chunks
 
 MODEL = "anthropic/claude-sonnet-4.5"
 LONG_TOOL = "mcp__github_enterprise_server__list_pull_request_review_comments_for_repo"
