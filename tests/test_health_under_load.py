@@ -17,7 +17,8 @@ import pytest
 from providers.models import UpstreamKey
 from routing.runtime import runtime
 from tests.factories import make_client_key, make_key, make_offer, make_provider
-from tests.fake_upstream import Reply, chat_completion
+from tests.fake_upstream import Reply
+from tests.payloads import chat_completion
 
 MODEL = "acme/chat-1"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
