@@ -21,7 +21,8 @@ from billing.counters import Counters
 from billing.limits import KeyLimits, LimitExceeded, admit, settle
 from billing.models import ApiKey, LedgerEntry
 from tests.factories import make_key, make_offer, make_provider
-from tests.fake_upstream import chat_completion, free_port
+from tests.fake_upstream import free_port
+from tests.payloads import chat_completion
 
 MODEL = "openai/gpt-4o-mini"
 PATH = "/openrouter/api/v1/chat/completions"
