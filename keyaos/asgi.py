@@ -18,7 +18,7 @@ django.setup(set_prefix=False)
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 
 from routing import runtime  # noqa: E402
-from routing.asgi import GatewayApplication  # noqa: E402
+from routing.asgi import GatewayApplication, refuse_websocket  # noqa: E402
 
 django_application = ASGIHandler()
 gateway_application = GatewayApplication()
@@ -31,6 +31,8 @@ async def application(scope, receive, send) -> None:
         await gateway_application(scope, receive, send)
     elif scope["type"] == "http" and scope["method"] == "HEAD" and scope["path"] == "/":
         await _alive(send)  # Claude Code probes its base URL before the first request
+    elif scope["type"] == "websocket":
+        await refuse_websocket(scope, receive, send)
     else:
         await django_application(scope, receive, send)
 

@@ -9,9 +9,9 @@ from ninja import NinjaAPI
 
 from routing.auth import authenticate, check_access
 from routing.catalog import list_models, model_entry
-from routing.errors import GatewayError, internal_error
+from routing.errors import GatewayError, internal_error, upgrade_refused
 from routing.failover import Exchange
-from routing.protocols import Front, anthropic, front_for_path, openai
+from routing.protocols import Front, anthropic, front_for_path, openai, responses
 from routing.runtime import runtime
 from routing.snapshot import ClientKey
 
@@ -97,6 +97,17 @@ async def count_tokens(request: HttpRequest) -> HttpResponse:
     await runtime.ready()
     _allowed_client(request)
     return JsonResponse(anthropic.count_tokens(request.body))
+
+
+@api.post("/responses", include_in_schema=False)
+async def create_response(request: HttpRequest) -> HttpResponse:
+    return await serve(request, responses.RESPONSES)
+
+
+@api.get("/responses", include_in_schema=False)
+async def responses_websocket(request: HttpRequest) -> HttpResponse:
+    """Codex tries a WebSocket first; a 426 makes it fall back to HTTP at once."""
+    raise upgrade_refused()
 
 
 @api.get("/models", include_in_schema=False)

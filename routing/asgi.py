@@ -74,6 +74,21 @@ class GatewayApplication:
         return response
 
 
+async def refuse_websocket(scope, receive, send) -> None:
+    """No WebSocket anywhere: a 426 (Codex then falls back to HTTP at once), or a plain close
+    where the server cannot send an HTTP answer to an upgrade."""
+    if (await receive())["type"] != "websocket.connect":
+        return
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    response = front_for_path(scope["path"]).error_response(errors.upgrade_refused())
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.items()]
+    headers.append((b"x-request-id", new_request_id().encode()))
+    await send({"type": "websocket.http.response.start", "status": 426, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": response.content})
+
+
 def new_request_id() -> str:
     return "req_" + os.urandom(16).hex()
 

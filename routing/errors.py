@@ -151,6 +151,14 @@ def method_not_allowed(method: str, path: str, allow: str) -> GatewayError:
     )
 
 
+def upgrade_refused() -> GatewayError:
+    return GatewayError(
+        426,
+        "WebSocket is not supported here: send the request over HTTP (POST).",
+        code="upgrade_required",
+    )
+
+
 def internal_error() -> GatewayError:
     return GatewayError(500, "Internal gateway error.", type="server_error", code="internal_error")
 

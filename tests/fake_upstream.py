@@ -196,3 +196,19 @@ def stop_server(server: uvicorn.Server | None) -> None:
     if server is not None:
         server.should_exit = True
         server.thread.join(timeout=10)  # type: ignore[attr-defined]
+
+
+def translate_stream(translator, events: list[bytes], split: int | None = None) -> list[dict]:
+    """Feed upstream ``events`` to a protocol's stream translator (cut every ``split`` bytes, or
+    as sent) and parse the named SSE events it wrote, checking each name matches its ``type``."""
+    raw = b"".join(events)
+    pieces = [raw[i : i + split] for i in range(0, len(raw), split)] if split else events
+    out = b"".join(translator.feed(piece) for piece in pieces) + translator.close()
+    parsed = []
+    for block in out.decode().split("\n\n"):
+        if block:
+            name, data = block.split("\n")
+            payload = json.loads(data.removeprefix("data: "))
+            assert name == f"event: {payload['type']}"
+            parsed.append(payload)
+    return parsed

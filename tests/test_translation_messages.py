@@ -9,7 +9,7 @@ import pytest
 
 from keyaos.lib.errors import GatewayError
 from routing.protocols.anthropic import MESSAGES, from_chat, input_tokens, to_chat
-from tests.fake_upstream import sse
+from tests.fake_upstream import sse, translate_stream
 from tests.payloads import chat_chunks, chunk, tool_call_chunks
 
 MODEL = "anthropic/claude-sonnet-4.5"
@@ -312,7 +312,7 @@ def test_finish_reasons_become_stop_reasons(choice, stop):
     assert answer["usage"]["input_tokens"] == 0  # never missing, even without usage
 
 
-def run_stream(events: list[bytes], *, split: int | None = None, **extra) -> list[dict]:
+def run_stream(events: list[bytes], *, split: int | None = None, **extra):
     request = MESSAGES.parse(
         json.dumps(
             {
@@ -326,17 +326,7 @@ def run_stream(events: list[bytes], *, split: int | None = None, **extra) -> lis
     )
     request.context.message_id = "msg_test"
     stream = MESSAGES.stream_translator(request)
-    raw = b"".join(events)
-    pieces = [raw[i : i + split] for i in range(0, len(raw), split)] if split else events
-    out = b"".join(stream.feed(piece) for piece in pieces) + stream.close()
-    parsed = []
-    for block in out.decode().split("\n\n"):
-        if block:
-            name, data = block.split("\n")
-            payload = json.loads(data.removeprefix("data: "))
-            assert name == f"event: {payload['type']}"
-            parsed.append(payload)
-    return parsed, stream
+    return translate_stream(stream, events, split), stream
 
 
 USAGE = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}

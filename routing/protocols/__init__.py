@@ -10,7 +10,7 @@ from django.http import HttpResponse
 
 from billing.usage import Usage
 from routing.errors import GatewayError
-from routing.protocols import anthropic, openai
+from routing.protocols import anthropic, openai, responses  # noqa: F401  (the fronts)
 from routing.requests import ClientRequest
 
 

@@ -19,10 +19,9 @@ from django.http import HttpResponse, JsonResponse
 
 from billing.usage import Usage, estimate_text_tokens, parse_usage
 from providers.upstream import upstream_message
-from routing.dispatcher import ProviderPreferences
 from routing.errors import GatewayError, UpstreamRefused
+from routing.protocols.translated import ChunkTranslator, TranslatedFront
 from routing.requests import ClientRequest, load_body, prompt_token_estimate
-from routing.sse import events_of
 
 ENDPOINT = "messages"
 MAX_TOOL_NAME = 64  # OpenAI-compatible upstreams refuse longer function names
@@ -387,7 +386,7 @@ def _event(name: str, payload: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + json.dumps(payload).encode() + b"\n\n"
 
 
-class MessagesStream:
+class MessagesStream(ChunkTranslator):
     """Translates a chat-completions stream into Messages events, one upstream chunk at a time.
 
     Blocks are split by kind (thinking, text, each tool call); ``message_start`` carries the
@@ -395,45 +394,12 @@ class MessagesStream:
     """
 
     def __init__(self, request: ClientRequest) -> None:
-        self.translation: Translation = request.context
-        self.estimated_input = request.prompt_tokens
-        self.buffer = b""
-        self.usage: Usage | None = None
-        self.text_chars = 0
-        self.error = ""
-        self.done = False
-        self.started = False
+        super().__init__(request)
         self.block: str | None = None  # "thinking", "text" or "tool:N"
         self.index = -1
         self.tool_blocks: dict[int, int] = {}  # upstream tool call index -> block index
-        self.finish: dict[str, Any] | None = None
 
-    def feed(self, chunk: bytes) -> bytes:
-        data = self.buffer + chunk if self.buffer else chunk
-        payloads, self.buffer = events_of(data)
-        out = [] if self.started else [self._start()]
-        for payload in payloads:
-            out.append(self._translate(payload))
-        return b"".join(out)
-
-    def close(self) -> bytes:
-        out = []
-        if self.buffer.strip():
-            payloads, _ = events_of(self.buffer + b"\n\n")
-            out += [self._translate(payload) for payload in payloads]
-        self.buffer = b""
-        if not self.done and not self.error:
-            if self.finish is not None:
-                out.append(self._end())
-            else:
-                self.error = "the upstream stream ended before the answer was complete"
-                out.append(self._error_event(self.error, 500))
-        return b"".join(out)
-
-    def fail(self, error: GatewayError, request_id: str) -> bytes:
-        return self._error_event(error.message, error.status)
-
-    def _error_event(self, message: str, status: int) -> bytes:
+    def _failed(self, message: str, status: int) -> bytes:
         self.done = True
         return _event("error", error_body(status, message))
 
@@ -458,38 +424,19 @@ class MessagesStream:
             "ping", {"type": "ping"}
         )
 
-    def _translate(self, payload: bytes) -> bytes:
-        if self.done:
-            return b""
-        if payload == b"[DONE]":
-            return self._end() if not self.error else b""
-        try:
-            chunk = json.loads(payload)
-        except ValueError:
-            return b""
-        if not isinstance(chunk, dict):
-            return b""
-        if "error" in chunk:
-            self.error = upstream_message(payload)
-            return self._error_event(self.error, 500)
-        if chunk.get("usage"):
-            self.usage = parse_usage(chunk["usage"]) or self.usage
+    def _choice(self, choice: dict[str, Any]) -> bytes:
         out = []
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") or {}
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if isinstance(reasoning, str) and reasoning:
-                delta_out = {"type": "thinking_delta", "thinking": reasoning}
-                out.append(self._delta("thinking", delta_out))
-                self.text_chars += len(reasoning)
-            text = delta.get("content")
-            if isinstance(text, str) and text:
-                out.append(self._delta("text", {"type": "text_delta", "text": text}))
-                self.text_chars += len(text)
-            for call in delta.get("tool_calls") or ():
-                out.append(self._tool_delta(call))
-            if choice.get("finish_reason"):
-                self.finish = choice
+        delta = choice.get("delta") or {}
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            out.append(self._delta("thinking", {"type": "thinking_delta", "thinking": reasoning}))
+            self.text_chars += len(reasoning)
+        text = delta.get("content")
+        if isinstance(text, str) and text:
+            out.append(self._delta("text", {"type": "text_delta", "text": text}))
+            self.text_chars += len(text)
+        for call in delta.get("tool_calls") or ():
+            out.append(self._tool_delta(call))
         return b"".join(out)
 
     def _open(self, kind: str, block: dict[str, Any]) -> bytes:
@@ -560,43 +507,14 @@ class MessagesStream:
 # --- the front ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MessagesFront:
-    endpoint: str = ENDPOINT
-
-    def parse(self, raw: bytes) -> ClientRequest:
-        body = load_body(raw)
-        chat, translation = to_chat(body)
-        return ClientRequest(
-            endpoint="chat/completions",
-            body=chat,
-            model=translation.model,
-            stream=bool(chat.get("stream")),
-            kind="chat",
-            prompt_tokens=input_tokens(body),
-            output_tokens=chat["max_tokens"],
-            preferences=ProviderPreferences(),
-            context=translation,
-        )
-
-    def read_json(self, request: ClientRequest, content: bytes) -> tuple[bytes, Usage | None, int]:
-        try:
-            chat = json.loads(content)
-        except ValueError:
-            chat = {}
-        answer = from_chat(chat if isinstance(chat, dict) else {}, request.context)
-        usage = parse_usage(chat.get("usage")) if isinstance(chat, dict) else None
-        chars = sum(len(block.get("text", "")) for block in answer["content"])
-        return json.dumps(answer).encode(), usage, chars
-
-    def stream_translator(self, request: ClientRequest) -> MessagesStream:
-        return MessagesStream(request)
-
-    def error_response(self, error: GatewayError) -> HttpResponse:
-        return error_response(error)
-
-
-MESSAGES = MessagesFront()
+MESSAGES = TranslatedFront(
+    endpoint=ENDPOINT,
+    to_chat=to_chat,
+    input_tokens=input_tokens,
+    from_chat=from_chat,
+    stream=MessagesStream,
+    render_error=error_response,
+)
 
 
 def count_tokens(raw: bytes) -> dict[str, int]:
