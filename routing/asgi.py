@@ -5,8 +5,9 @@ Django's ``ASGIHandler`` runs every request in a new thread-sensitive context, s
 body to a temporary file and closes the response through ``sync_to_async``: about a fifth of the
 gateway's CPU per request, for features ``/v1`` does not use. This handler reads the body (with
 the size limit), builds a Django ``ASGIRequest``, calls the resolved django-ninja view and sends
-its answer; a streamed answer stops at once when the client disconnects, which cancels the
-stream's generator (its ``finally`` closes the upstream and records the request).
+its answer. A client that disconnects cancels the work for it at once: before the answer, the
+view (and the upstream call, recorded as ``disconnected``); during a stream, the stream's generator
+(its ``finally`` closes the upstream and records the request).
 """
 
 from __future__ import annotations
@@ -43,15 +44,26 @@ class GatewayApplication:
             body = await _read_body(receive, settings.KEYAOS_MAX_BODY_BYTES)
         except BodyTooLarge:
             response = front_for_path(scope["path"]).error_response(errors.body_too_large())
-            await _send_response(response, request_id, send, receive)
+            await _send_response(response, request_id, send)
             return
         except _Disconnected:
             return
         request = ASGIRequest(scope, io.BytesIO(body))
         request.started = started
         request.request_id = request_id
-        response = await self.get_response(request)
-        await _send_response(response, request_id, send, receive)
+        # A client that hangs up cancels the work for it, streamed or not (and the upstream
+        # call with it); the exchange records the request as disconnected.
+        disconnect = asyncio.ensure_future(_wait_for_disconnect(receive))
+        try:
+            responding = asyncio.ensure_future(self.get_response(request))
+            await asyncio.wait({responding, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+            if not responding.done():
+                responding.cancel()
+                await asyncio.gather(responding, return_exceptions=True)
+                return
+            await _send_response(responding.result(), request_id, send, disconnect)
+        finally:
+            disconnect.cancel()
 
     async def get_response(self, request: HttpRequest) -> HttpResponse:
         """The view's answer; errors (the views' GatewayErrors and the rest) in the path's
@@ -117,7 +129,9 @@ async def _read_body(receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-async def _send_response(response: HttpResponse, request_id: str, send, receive) -> None:
+async def _send_response(
+    response: HttpResponse, request_id: str, send, disconnect: asyncio.Future | None = None
+) -> None:
     if "x-request-id" not in response:
         response["x-request-id"] = request_id
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.items()]
@@ -131,14 +145,12 @@ async def _send_response(response: HttpResponse, request_id: str, send, receive)
         return
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
     streaming = asyncio.ensure_future(_send_stream(response, send))
-    disconnect = asyncio.ensure_future(_wait_for_disconnect(receive))
     try:
         await asyncio.wait({streaming, disconnect}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in (streaming, disconnect):
-            if not task.done():
-                task.cancel()
-        await asyncio.gather(streaming, disconnect, return_exceptions=True)
+        if not streaming.done():
+            streaming.cancel()
+        await asyncio.gather(streaming, return_exceptions=True)
 
 
 async def _send_stream(response: StreamingHttpResponse, send) -> None:

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from routing.protocols import Front, StreamTranslator
 
 Outcome = LedgerEntry.Outcome
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 USER_AGENT = "Keyaos"
 
 
@@ -150,9 +151,15 @@ class Exchange:
         return error
 
     def abandon(self) -> None:
-        """The client left before an answer: nothing to record, the reservation is released."""
-        if not self.finished:
-            self._settle(cost_usd=Decimal(0), tokens=0)
+        """The client left before an answer (the upstream call is cancelled with it). An
+        upstream that had accepted the request may bill its prompt: estimated, not free."""
+        usage = self._estimated_usage(0) if self.chosen is not None else None
+        self.finish(
+            Outcome.DISCONNECTED,
+            status=CLIENT_CLOSED_REQUEST,
+            error="the client disconnected before the answer",
+            usage=usage,
+        )
 
     def finish(
         self, outcome: str, *, status: int, error: str = "", usage: Usage | None = None
@@ -195,6 +202,9 @@ class Exchange:
             refusal = answer_dropped(answer.candidate.provider.slug, error)
             self._blame(answer.candidate, Failure.TRANSIENT, refusal.message)
             raise refusal from None
+        except BaseException:  # the client went away: stop the upstream too
+            await asyncio.shield(response.aclose())
+            raise
         self.record.ttfb_ms = _ms_since(self.started)
         content, usage, completion_chars = front.read_json(self.request, content)
         self.finish(
