@@ -11,7 +11,8 @@ import pytest
 
 from billing.models import LedgerEntry
 from tests.factories import make_client_key, make_key, make_offer, make_provider
-from tests.fake_upstream import Reply, chat_completion
+from tests.fake_upstream import Reply
+from tests.payloads import chat_completion
 
 MODEL = "openai/gpt-4o-mini"
 PATH = "/slow/v1/chat/completions"
