@@ -15,9 +15,11 @@ import django
 
 django.setup(set_prefix=False)
 
+from django.conf import settings  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 
-from routing import runtime  # noqa: E402
+from keyaos.lib import metrics  # noqa: E402
+from routing import ops, runtime  # noqa: E402
 from routing.asgi import GatewayApplication, refuse_websocket  # noqa: E402
 
 django_application = ASGIHandler()
@@ -28,11 +30,20 @@ async def application(scope, receive, send) -> None:
     if scope["type"] == "lifespan":
         await _lifespan(receive, send)
     elif scope["type"] == "http" and scope["path"].startswith("/v1"):
-        await gateway_application(scope, receive, send)
+        if not settings.KEYAOS_METRICS:
+            await gateway_application(scope, receive, send)
+            return
+        metrics.IN_FLIGHT.inc()
+        try:
+            await gateway_application(scope, receive, send)
+        finally:
+            metrics.IN_FLIGHT.dec()
     elif scope["type"] == "http" and scope["method"] == "HEAD" and scope["path"] == "/":
         await _alive(send)  # Claude Code probes its base URL before the first request
     elif scope["type"] == "websocket":
         await refuse_websocket(scope, receive, send)
+    elif scope["type"] == "http" and scope["path"] in ops.PATHS:
+        await ops.application(scope, receive, send)
     else:
         await django_application(scope, receive, send)
 
@@ -42,9 +53,11 @@ async def _lifespan(receive, send) -> None:
         message = await receive()
         if message["type"] == "lifespan.startup":
             await runtime.startup()
+            ops.install_drain()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             await runtime.shutdown()
+            metrics.forget_this_process()
             await send({"type": "lifespan.shutdown.complete"})
             return
 

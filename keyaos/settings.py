@@ -8,6 +8,7 @@ environment too: a missing or malformed value stops start-up with a clear error.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from keyaos.env import (
     env_bool,
+    env_choice,
     env_decimal,
     env_float,
     env_int,
@@ -25,6 +27,7 @@ from keyaos.env import (
     generate_secret_key,
     read_or_create_state_file,
 )
+from keyaos.lib.logs import logging_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 STATE_DIR = Path(env_str("KEYAOS_STATE_DIR") or BASE_DIR / "var")
@@ -189,14 +192,10 @@ warnings.filterwarnings(
     "ignore", message="StreamingHttpResponse must consume synchronous iterators"
 )
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL") or "INFO"},
-    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
-}
+KEYAOS_LOG_FORMAT = env_choice("KEYAOS_LOG_FORMAT", "plain", ("plain", "json"))
+LOGGING = logging_config(log_format=KEYAOS_LOG_FORMAT, level=env_str("LOG_LEVEL") or "INFO")
+# Python's warnings would reach stderr as plain text: make them log records (JSON lines) too.
+logging.captureWarnings(KEYAOS_LOG_FORMAT == "json")
 
 Q_CLUSTER = {
     "name": "keyaos",
@@ -236,3 +235,9 @@ KEYAOS_IDENTITY_SOURCE_URL = env_str(
 # Client key limit counters in Redis: how long one call may take, how often to retry after failure.
 KEYAOS_REDIS_TIMEOUT_S = env_float("KEYAOS_REDIS_TIMEOUT_S", 0.5, minimum=0.01)
 KEYAOS_REDIS_RETRY_S = env_float("KEYAOS_REDIS_RETRY_S", 2.0, minimum=0.1)
+
+# Operations (README, "Deployment").
+KEYAOS_METRICS = env_bool("KEYAOS_METRICS", True)
+KEYAOS_METRICS_TOKEN = env_str("KEYAOS_METRICS_TOKEN") or ""
+KEYAOS_DRAIN_S = env_float("KEYAOS_DRAIN_S", 600.0)
+KEYAOS_DRAIN_NOTICE_S = env_float("KEYAOS_DRAIN_NOTICE_S", 5.0)

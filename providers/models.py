@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -13,6 +14,8 @@ from django.utils import timezone
 
 from keyaos.lib.signals import routing_data_changed
 from providers.crypto import decrypt_secret, encrypt_secret, mask_secret, secret_fingerprint
+
+logger = logging.getLogger("keyaos.keys")
 
 PRICE_DIGITS = {"max_digits": 24, "decimal_places": 10}
 MONEY_DIGITS = {"max_digits": 28, "decimal_places": 12}
@@ -244,9 +247,19 @@ class UpstreamKeyQuerySet(models.QuerySet):
         return self.update(last_error=reason, last_error_at=timezone.now())
 
     def _transition(self, **changes) -> int:
-        changed = self.update(**changes)
+        key_ids = list(self.values_list("pk", flat=True))
+        changed = self.filter(pk__in=key_ids).update(**changes) if key_ids else 0
         if changed:
             routing_data_changed()
+            data = {
+                "event": "key_state",
+                "key_ids": key_ids,
+                "health": changes.get("health", ""),
+                "reason": changes.get("last_error", ""),
+            }
+            logger.info(
+                "upstream keys %s: health %s", key_ids, data["health"], extra={"data": data}
+            )
         return changed
 
 

@@ -21,6 +21,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from keyaos.lib import metrics
 from keyaos.lib.signals import routing_data_changed
 from providers.adapters import (
     CatalogEntry,
@@ -475,8 +476,24 @@ def describe(result: RefreshResult) -> str:
 
 
 def _log(result: RefreshResult) -> None:
+    """The log line (a JSON object with KEYAOS_LOG_FORMAT=json) and the refresh metrics."""
     level = logging.WARNING if result.error else logging.INFO
-    logger.log(level, "refresh %s", describe(result))
+    data = {
+        "event": "refresh",
+        "provider": result.provider_slug,
+        "ok": not result.error,
+        "offers_seen": result.offers_seen,
+        "added": result.added,
+        "updated": result.updated,
+        "deactivated": result.deactivated,
+        "balances_updated": result.balances_updated,
+        "duration_ms": result.duration_ms,
+        "error": result.error,
+    }
+    logger.log(level, "refresh %s", describe(result), extra={"data": data})
+    metrics.observe_refresh(
+        result.provider_slug, duration_s=result.duration_ms / 1000, failed=bool(result.error)
+    )
 
 
 def _elapsed_ms(started: float) -> int:

@@ -176,7 +176,7 @@ class Exchange:
             record.usage = usage
         record.latency_ms = _ms_since(self.started)
         record.overhead_ms = self.overhead_ms
-        self.runtime.ledger.submit(record)
+        self.runtime.submit(record)
         if self.reservation is not None:
             cost = record.cost()
             self._settle(

@@ -9,16 +9,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 
 import httpx
 from django.conf import settings
 from httpx_aiohttp import AiohttpTransport
 
 from billing.counters import Counters
-from billing.recorder import LedgerWriter
+from billing.recorder import LedgerWriter, RequestRecord
 from keyaos.lib.db import db_task
 from routing.health import HealthBoard
 from routing.models import SnapshotVersion
+from routing.observe import request_finished
 from routing.snapshot import Snapshot, build_snapshot
 
 logger = logging.getLogger("keyaos.gateway")
@@ -40,6 +42,8 @@ class Runtime:
         self.background: set[asyncio.Task] = set()
         self._poll_failing = False
         self._background_failures: set[tuple[str, str]] = set()
+        self.checked_at: float | None = None  # monotonic time of the last good snapshot check
+        self.draining = False
 
     async def ready(self) -> Runtime:
         if self.loop is asyncio.get_running_loop() and self.snapshot is not None:
@@ -59,6 +63,7 @@ class Runtime:
             self.client = new_upstream_client()
             self.snapshot = await db_task(build_snapshot)()
             self.board.adopt(self.snapshot.keys)
+            self.checked_at = time.monotonic()
             self.ledger = LedgerWriter()
             self.ledger.start()
             self._poller = loop.create_task(self._poll(), name="snapshot-poller")
@@ -78,6 +83,15 @@ class Runtime:
             await self.client.aclose()
         await self.counters.close()
         self.snapshot, self.client, self.loop = None, None, None
+
+    def submit(self, record: RequestRecord) -> None:
+        """The one call that hands a finished request's record over: ledger, metrics, log."""
+        self.ledger.submit(record)
+        request_finished(self.snapshot, record)
+
+    def snapshot_age_s(self) -> float | None:
+        """Seconds since the snapshot was last known current (None before the first build)."""
+        return None if self.checked_at is None else time.monotonic() - self.checked_at
 
     def spawn(self, coroutine) -> asyncio.Task:
         """Run work after the response, keeping a reference so it is not collected midway."""
@@ -119,6 +133,7 @@ class Runtime:
                     logger.exception("snapshot refresh failed; routing keeps the previous snapshot")
                 self._poll_failing = True
             else:
+                self.checked_at = time.monotonic()
                 self._poll_failing = False
 
 

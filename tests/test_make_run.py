@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.served import session_processes
+
 pytestmark = pytest.mark.slow
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -56,21 +58,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def session_processes(session_id: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        state, session = fields[0], int(fields[3])
-        if session == session_id and state != "Z":
-            pids.append(int(entry.name))
-    return pids
 
 
 def command_line(pid: int) -> str:

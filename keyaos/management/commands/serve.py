@@ -9,18 +9,29 @@ sends each child exactly one signal (a second one would make uvicorn skip its gr
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-GRACEFUL_SHUTDOWN_S = 10
-STOP_TIMEOUT_S = GRACEFUL_SHUTDOWN_S + 5
+# After uvicorn's drain: the lifespan shutdown (the ledger's flush) and the cluster's own stop.
+SHUTDOWN_MARGIN_S = 30
+QCLUSTER_STOP_S = 15
 POLL_S = 0.2
+MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+# uvicorn's own loggers (its supervisor too, which never loads Django) in KEYAOS_LOG_FORMAT=json.
+JSON_LOG_CONFIG = Path(__file__).resolve().parents[2] / "lib" / "uvicorn_json_logging.json"
+logger = logging.getLogger("keyaos.serve")  # prometheus_client's multiprocess mode
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # uvicorn re-raises the signal it caught once it has shut down; that is a clean stop too.
 CLEAN_EXIT_CODES = {0, *(-sig for sig in STOP_SIGNALS), *(128 + sig for sig in STOP_SIGNALS)}
@@ -40,11 +51,51 @@ def uvicorn_command(*, host: str, port: int, workers: int) -> list[str]:
         str(workers),
         "--proxy-headers",
         "--timeout-graceful-shutdown",
-        str(GRACEFUL_SHUTDOWN_S),
+        str(math.ceil(settings.KEYAOS_DRAIN_S)),
         "--lifespan",
         "on",
         "--no-server-header",
+        *(["--log-config", str(JSON_LOG_CONFIG)] if settings.KEYAOS_LOG_FORMAT == "json" else []),
     ]
+
+
+def say(message: str, *, error: bool = False) -> None:
+    """A line for the operator: plain text, or a log record (one JSON object) in JSON mode."""
+    if settings.KEYAOS_LOG_FORMAT == "json":
+        logger.log(logging.ERROR if error else logging.INFO, message)
+        return
+    stream = sys.stderr if error else sys.stdout
+    stream.write(message + "\n")
+    stream.flush()
+
+
+def stop_timeout_s(name: str) -> float:
+    """How long a child may take to stop. uvicorn: the drain notice, the drain of requests in
+    flight, then the shutdown work; the cluster stops on its own (a refresh gives up)."""
+    if name == "uvicorn":
+        return settings.KEYAOS_DRAIN_NOTICE_S + settings.KEYAOS_DRAIN_S + SHUTDOWN_MARGIN_S
+    return QCLUSTER_STOP_S
+
+
+@contextlib.contextmanager
+def metrics_directory() -> Iterator[dict[str, str]]:
+    """The environment of the children: one prometheus_client multiprocess directory for all.
+
+    An operator's ``PROMETHEUS_MULTIPROC_DIR`` is used (emptied of the last run's files);
+    otherwise a temporary one lives as long as this command.
+    """
+    given = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
+    if given:
+        Path(given).mkdir(parents=True, exist_ok=True)
+        for stale in Path(given).glob("*.db"):
+            stale.unlink()
+        yield {**os.environ}
+        return
+    directory = tempfile.mkdtemp(prefix="keyaos-metrics-")
+    try:
+        yield {**os.environ, MULTIPROCESS_DIR_VARIABLE: directory}
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def qcluster_command() -> list[str]:
@@ -71,8 +122,11 @@ def _positive_int_from_env(name: str, default: int) -> int:
 class Supervisor:
     """Runs named child processes and stops all of them as soon as one stops or we are asked to."""
 
-    def __init__(self, commands: dict[str, list[str]]) -> None:
+    def __init__(
+        self, commands: dict[str, list[str]], *, env: dict[str, str] | None = None
+    ) -> None:
         self.commands = commands
+        self.env = env
         self.processes: dict[str, subprocess.Popen] = {}
         self.stop_signal: int | None = None
 
@@ -86,7 +140,7 @@ class Supervisor:
             for name, command in self.commands.items():
                 if self.stop_signal is None:
                     self.processes[name] = subprocess.Popen(
-                        command, stdin=subprocess.DEVNULL, process_group=0
+                        command, stdin=subprocess.DEVNULL, process_group=0, env=self.env
                     )
             first_exit = self._wait_for_first_exit()
             clean = self._stop_all()
@@ -94,7 +148,7 @@ class Supervisor:
             self.kill_all()
         if first_exit is not None:
             name, code = first_exit
-            sys.stderr.write(f"{name} exited with code {code}; stopped the rest.\n")
+            say(f"{name} exited with code {code}; stopped the rest.", error=True)
             return code if code > 0 else 1
         return 0 if clean else 1
 
@@ -111,12 +165,13 @@ class Supervisor:
         for process in self.processes.values():
             if process.poll() is None:
                 process.send_signal(forwarded)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
+        started = time.monotonic()
         for name, process in self.processes.items():
+            timeout_s = stop_timeout_s(name)
             try:
-                process.wait(timeout=max(deadline - time.monotonic(), 0))
+                process.wait(timeout=max(started + timeout_s - time.monotonic(), 0))
             except subprocess.TimeoutExpired:
-                sys.stderr.write(f"{name} did not stop within {STOP_TIMEOUT_S} s; killed it.\n")
+                say(f"{name} did not stop within {timeout_s:.0f} s; killed it.", error=True)
                 return False
         return all(process.returncode in CLEAN_EXIT_CODES for process in self.processes.values())
 
@@ -158,17 +213,18 @@ class Command(BaseCommand):
 
             commands["qcluster"] = qcluster_command()
             ensure_refresh_schedule()
-        supervisor = Supervisor(commands)
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, supervisor.request_stop)
+        with metrics_directory() as env:
+            supervisor = Supervisor(commands, env=env)
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, supervisor.request_stop)
+            code = self._run(supervisor, host, port, commands)
+        if code:
+            sys.exit(code)
+
+    def _run(self, supervisor: Supervisor, host: str, port: int, commands: dict) -> int:
 
         self.check_migrations()
         url = base_url(host, port)
-        self.stdout.write(
-            f"Keyaos admin: {url}admin/  (OpenAI-compatible API: {url}v1)\n"
-            f"Starting {' and '.join(commands)}; press Ctrl-C to stop."
-        )
-        self.stdout.flush()
-        code = supervisor.run()
-        if code:
-            sys.exit(code)
+        say(f"Keyaos admin: {url}admin/  (OpenAI-compatible API: {url}v1)")
+        say(f"Starting {' and '.join(commands)}; press Ctrl-C to stop.")
+        return supervisor.run()

@@ -1,0 +1,156 @@
+"""What a finished client request tells the operator: Prometheus metrics and the JSON log line.
+
+``request_finished`` is called once per request record, where the record goes to the ledger, so
+the request path pays one call: a few counter increments and, with ``KEYAOS_LOG_FORMAT=json``,
+one log line. Labels come from the routing snapshot (provider slug, key label), never from what
+the client sent.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from django.conf import settings
+
+from billing.costs import Cost
+from billing.recorder import RequestRecord
+from billing.usage import ESTIMATED
+from keyaos.lib import metrics
+from routing.snapshot import Snapshot
+
+request_logger = logging.getLogger("keyaos.requests")
+
+_NO_PROVIDER = ""
+
+
+@dataclass
+class _Names:
+    """Provider slugs, key labels and client key names of one snapshot, by id."""
+
+    snapshot: Snapshot | None
+    providers: dict[int, str]
+    keys: dict[int, str]
+    clients: dict[int, str]
+
+    @classmethod
+    def of(cls, snapshot: Snapshot | None) -> _Names:
+        if snapshot is None:
+            return cls(None, {}, {}, {})
+        providers = {
+            offer.provider.id: offer.provider.slug
+            for offers in snapshot.offers.values()
+            for offer in offers
+        }
+        keys = {key.id: key.name for keys in snapshot.keys.values() for key in keys}
+        clients = {client.id: client.name for client in snapshot.client_keys.values()}
+        return cls(snapshot, providers, keys, clients)
+
+    def provider(self, provider_id: int | None) -> str:
+        if provider_id is None:
+            return _NO_PROVIDER
+        return self.providers.get(provider_id) or f"provider-{provider_id}"
+
+    def key(self, key_id: int | None) -> str:
+        if key_id is None:
+            return ""
+        return self.keys.get(key_id) or f"key-{key_id}"
+
+
+_names = _Names.of(None)
+
+
+def _names_for(snapshot: Snapshot | None) -> _Names:
+    global _names
+    if _names.snapshot is not snapshot:
+        _names = _Names.of(snapshot)
+    return _names
+
+
+def request_finished(snapshot: Snapshot | None, record: RequestRecord) -> None:
+    if not settings.KEYAOS_METRICS:
+        if settings.KEYAOS_LOG_FORMAT == "json":
+            _log_request(_names_for(snapshot), record, record.cost())
+        return
+    names = _names_for(snapshot)
+    endpoint = record.endpoint
+    metrics.REQUESTS.labels(endpoint, str(record.status_code), record.outcome).inc()
+    for attempt in record.attempts:
+        metrics.UPSTREAM_ATTEMPTS.labels(
+            names.provider(attempt.provider_id),
+            names.key(attempt.upstream_key_id),
+            attempt.failure or "ok",
+        ).inc()
+    metrics.REQUEST_DURATION.labels(endpoint).observe(record.latency_ms / 1000)
+    if record.overhead_ms is not None:
+        metrics.OVERHEAD.labels(endpoint).observe(record.overhead_ms / 1000)
+    if record.streamed and record.ttfb_ms is not None:
+        metrics.TIME_TO_FIRST_TOKEN.labels(endpoint).observe(record.ttfb_ms / 1000)
+    cost = None
+    if record.provider_id is not None:
+        provider = names.provider(record.provider_id)
+        usage = record.usage
+        for kind, count in (
+            ("prompt", usage.prompt_tokens),
+            ("completion", usage.completion_tokens),
+            ("cached", usage.cached_tokens),
+        ):
+            if count:
+                metrics.TOKENS.labels(provider, kind).inc(count)
+        cost = record.cost()
+        if cost is not None:
+            metrics.COST.labels(provider, cost.currency).inc(float(cost.list_cost))
+            metrics.COST_USD.labels(provider).inc(float(cost.cost_usd))
+        if record.outcome != "client_error":
+            reason = _zero_cost_reason(record, cost)
+            if reason:
+                metrics.ZERO_COST.labels(reason).inc()
+        if usage.source == ESTIMATED:
+            metrics.ESTIMATED.labels(record.outcome).inc()
+    if settings.KEYAOS_LOG_FORMAT == "json":
+        _log_request(names, record, cost)
+
+
+def _zero_cost_reason(record: RequestRecord, cost: Cost | None) -> str | None:
+    if cost is not None and cost.cost_usd:
+        return None
+    if record.prices is None:
+        return "unpriced"
+    if cost is None:
+        return "no_tokens"
+    if record.usage.reported_cost is not None and not record.usage.reported_cost:
+        return "reported_zero"
+    if not record.multiplier:
+        return "free_key"
+    return "unpriced" if not cost.list_cost else "rounded_to_zero"
+
+
+def _log_request(names: _Names, record: RequestRecord, cost: Cost | None) -> None:
+    usage = record.usage
+    data = {
+        "event": "request",
+        "request_id": record.request_id,
+        "client_key_id": record.api_key_id,
+        "client_key": names.clients.get(record.api_key_id, "") if record.api_key_id else "",
+        "endpoint": record.endpoint,
+        "requested_model": record.requested_model,
+        "served_model": record.upstream_model,
+        "provider": names.provider(record.provider_id),
+        "key": names.key(record.upstream_key_id),
+        "status": record.status_code,
+        "outcome": record.outcome,
+        "streamed": record.streamed,
+        "attempts": len(record.attempts),
+        "latency_ms": record.latency_ms,
+        "overhead_ms": None if record.overhead_ms is None else round(record.overhead_ms, 3),
+        "ttfb_ms": record.ttfb_ms,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "usage_source": usage.source,
+        "cost": None if cost is None else str(cost.list_cost),
+        "currency": None if cost is None else cost.currency,
+        "cost_usd": None if cost is None else str(cost.cost_usd),
+        "error": record.error,
+    }
+    request_logger.info("request %s", record.request_id, extra={"data": data})
