@@ -225,7 +225,9 @@ def start_upstream(bench: Bench) -> None:
 
 def gateway_command(bench: Bench) -> list[str]:
     """Exactly what ``manage.py serve`` runs, with one worker."""
-    return uvicorn_command(host="127.0.0.1", port=bench.gateway_port, workers=1)
+    return uvicorn_command(
+        host="127.0.0.1", port=bench.gateway_port, workers=1, drain_s=STOP_TIMEOUT_S / 2
+    )
 
 
 def start_gateway(bench: Bench) -> float:

@@ -37,7 +37,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CLEAN_EXIT_CODES = {0, *(-sig for sig in STOP_SIGNALS), *(128 + sig for sig in STOP_SIGNALS)}
 
 
-def uvicorn_command(*, host: str, port: int, workers: int) -> list[str]:
+def uvicorn_command(
+    *, host: str, port: int, workers: int, drain_s: float, json_logs: bool = False
+) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -51,11 +53,11 @@ def uvicorn_command(*, host: str, port: int, workers: int) -> list[str]:
         str(workers),
         "--proxy-headers",
         "--timeout-graceful-shutdown",
-        str(math.ceil(settings.KEYAOS_DRAIN_S)),
+        str(math.ceil(drain_s)),
         "--lifespan",
         "on",
         "--no-server-header",
-        *(["--log-config", str(JSON_LOG_CONFIG)] if settings.KEYAOS_LOG_FORMAT == "json" else []),
+        *(["--log-config", str(JSON_LOG_CONFIG)] if json_logs else []),
     ]
 
 
@@ -207,7 +209,15 @@ class Command(BaseCommand):
         if not 0 < port < 65536 or workers < 1:
             raise CommandError("--port must be 1-65535 and --workers at least 1.")
 
-        commands = {"uvicorn": uvicorn_command(host=host, port=port, workers=workers)}
+        commands = {
+            "uvicorn": uvicorn_command(
+                host=host,
+                port=port,
+                workers=workers,
+                drain_s=settings.KEYAOS_DRAIN_S,
+                json_logs=settings.KEYAOS_LOG_FORMAT == "json",
+            )
+        }
         if not options["no_qcluster"]:
             from providers.tasks import ensure_refresh_schedule  # models: after django.setup()
 
