@@ -13,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from billing.models import LedgerEntry
 from routing.runtime import runtime
 from tests.factories import make_client_key, make_key, make_offer, make_provider
-from tests.fake_upstream import Reply, chat_completion, free_port
+from tests.fake_upstream import Reply, free_port
+from tests.payloads import chat_completion
 
 UPSTREAM_SECRET = "sk-or-v1-" + "s" * 40
 

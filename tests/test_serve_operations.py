@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from billing.models import LedgerEntry
 from tests.factories import make_client_key, make_key, make_offer, make_provider
-from tests.fake_upstream import chat_chunks, chat_completion
+from tests.payloads import chat_chunks, chat_completion
 from tests.served import Served
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
