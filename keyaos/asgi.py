@@ -16,6 +16,7 @@ import django
 django.setup(set_prefix=False)
 
 from django.conf import settings  # noqa: E402
+from django.core.exceptions import ImproperlyConfigured  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 
 from keyaos.lib import metrics  # noqa: E402
@@ -52,7 +53,11 @@ async def _lifespan(receive, send) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
-            await runtime.startup()
+            try:
+                await runtime.startup()
+            except ImproperlyConfigured as error:  # the server must not start, and say why
+                await send({"type": "lifespan.startup.failed", "message": str(error)})
+                return
             ops.install_drain()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":

@@ -13,7 +13,13 @@ from django.db import models
 from django.utils import timezone
 
 from keyaos.lib.signals import routing_data_changed
-from providers.crypto import decrypt_secret, encrypt_secret, mask_secret, secret_fingerprint
+from providers.crypto import (
+    SecretDecryptionError,
+    decrypt_secret,
+    encrypt_secret,
+    mask_secret,
+    secret_fingerprint,
+)
 
 logger = logging.getLogger("keyaos.keys")
 
@@ -197,7 +203,47 @@ def unusable_reason(
     return None
 
 
+@dataclass(frozen=True)
+class SecretCheck:
+    """Whether ``KEYAOS_ENCRYPTION_KEYS`` decrypts the stored upstream secrets."""
+
+    readable: int
+    unreadable: tuple[str, ...]  # "provider:key" names, never secrets
+
+    @property
+    def none_readable(self) -> bool:
+        """Secrets are stored and not one decrypts: the encryption key is wrong."""
+        return bool(self.unreadable) and not self.readable
+
+    def problem(self) -> str | None:
+        if not self.unreadable:
+            return None
+        names = ", ".join(self.unreadable[:20]) + (" ..." if len(self.unreadable) > 20 else "")
+        if self.none_readable:
+            return (
+                f"KEYAOS_ENCRYPTION_KEYS decrypts none of the {len(self.unreadable)} stored "
+                f"upstream secrets ({names}): set the key they were encrypted with (a new key "
+                "goes first, the old ones stay after it)"
+            )
+        return (
+            f"{len(self.unreadable)} upstream secret(s) cannot be decrypted with "
+            f"KEYAOS_ENCRYPTION_KEYS and are left out of routing: {names}"
+        )
+
+
 class UpstreamKeyQuerySet(models.QuerySet):
+    def secret_check(self) -> SecretCheck:
+        """Try to decrypt the secret of every key in the queryset (the admin's banner)."""
+        readable, unreadable = 0, []
+        for key in self.select_related("provider"):
+            try:
+                decrypt_secret(key.secret_encrypted)
+            except SecretDecryptionError:
+                unreadable.append(f"{key.provider.slug}:{key.name}")
+            else:
+                readable += 1
+        return SecretCheck(readable, tuple(unreadable))
+
     """Every change of a key's health: one atomic UPDATE each, routing told when health moved."""
 
     def mark_invalid(self, reason: str) -> int:

@@ -13,6 +13,7 @@ import time
 
 import httpx
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from httpx_aiohttp import AiohttpTransport
 
 from billing.counters import Counters
@@ -44,6 +45,8 @@ class Runtime:
         self._background_failures: set[tuple[str, str]] = set()
         self.checked_at: float | None = None  # monotonic time of the last good snapshot check
         self.draining = False
+        # Why some stored upstream secrets do not decrypt (None: all do); /ready shows it.
+        self.secret_problem: str | None = None
 
     async def ready(self) -> Runtime:
         if self.loop is asyncio.get_running_loop() and self.snapshot is not None:
@@ -60,9 +63,11 @@ class Runtime:
         async with self._starting:
             if self.snapshot is not None:
                 return
+            snapshot = await db_task(build_snapshot)()
+            self._check_secrets(snapshot, starting=True)
             self.client = new_upstream_client()
-            self.snapshot = await db_task(build_snapshot)()
-            self.board.adopt(self.snapshot.keys)
+            self.snapshot = snapshot
+            self.board.adopt(snapshot.keys)
             self.checked_at = time.monotonic()
             self.ledger = LedgerWriter()
             self.ledger.start()
@@ -93,6 +98,17 @@ class Runtime:
         """Seconds since the snapshot was last known current (None before the first build)."""
         return None if self.checked_at is None else time.monotonic() - self.checked_at
 
+    def _check_secrets(self, snapshot: Snapshot, *, starting: bool = False) -> None:
+        """Refuse to start when no stored secret decrypts (the encryption key is wrong); name
+        the undecryptable keys in the log once each time the set changes."""
+        check = snapshot.secret_check
+        problem = check.problem()
+        if starting and check.none_readable:
+            raise ImproperlyConfigured(problem)
+        if problem != self.secret_problem and problem is not None:
+            logger.error("%s", problem)
+        self.secret_problem = problem
+
     def spawn(self, coroutine) -> asyncio.Task:
         """Run work after the response, keeping a reference so it is not collected midway."""
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -115,6 +131,7 @@ class Runtime:
         """Rebuild the snapshot; builds run one at a time, so an older one never lands last."""
         async with self._reloading:
             self.snapshot = await db_task(build_snapshot)()
+            self._check_secrets(self.snapshot)
             self.board.adopt(self.snapshot.keys)
 
     async def _poll(self) -> None:

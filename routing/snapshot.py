@@ -21,7 +21,7 @@ from billing.currency import load_rates
 from billing.limits import KeyLimits
 from billing.models import ApiKey
 from providers.crypto import SecretDecryptionError
-from providers.models import ModelOffer, Provider, UpstreamEndpoint, UpstreamKey
+from providers.models import ModelOffer, Provider, SecretCheck, UpstreamEndpoint, UpstreamKey
 from routing.models import SnapshotVersion
 
 
@@ -99,6 +99,11 @@ class Snapshot:
     disabled_client_keys: set[str]
     unreadable_keys: list[str] = field(default_factory=list)
 
+    @property
+    def secret_check(self) -> SecretCheck:
+        readable = sum(len(provider_keys) for provider_keys in self.keys.values())
+        return SecretCheck(readable, tuple(self.unreadable_keys))
+
     def bare_ids(self) -> dict[str, set[str]]:
         names: dict[str, set[str]] = defaultdict(set)
         for canonical in self.offers:
@@ -143,7 +148,7 @@ def build_snapshot() -> Snapshot:
         try:
             secret = key.secret
         except SecretDecryptionError:
-            unreadable.append(key.name)
+            unreadable.append(f"{providers[key.provider_id].slug}:{key.name}")
             continue
         keys[key.provider_id].append(
             KeyInfo(
