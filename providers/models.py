@@ -105,6 +105,15 @@ class Provider(UpstreamEndpoint, models.Model):
         validators=[MinValueValidator(1.0)],
         help_text="Seconds to wait between bytes from this provider (and for its first token).",
     )
+    prompt_cache_ttl_s = models.FloatField(
+        "prompt cache lifetime (s)",
+        default=300.0,
+        validators=[MinValueValidator(0.0)],
+        help_text=(
+            "How long this provider keeps a conversation's prompt prefix cached: routing expects "
+            "a key that served a session this recently to bill that prefix at the cached price."
+        ),
+    )
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)
 

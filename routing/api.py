@@ -61,7 +61,8 @@ async def serve(request: HttpRequest, front: Front) -> HttpResponse:
 def _begin(exchange: Exchange, request: HttpRequest, front: Front) -> None:
     """Read the body; a key that may not call now is told so even when the body is wrong."""
     try:
-        exchange.begin(front.parse(request.body))  # routing.asgi read it, within the size limit
+        # routing.asgi read the body, within the size limit
+        exchange.begin(front.parse(request.body), headers=request.headers)
     except GatewayError:
         check_access(request, exchange.client)
         raise

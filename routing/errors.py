@@ -14,6 +14,7 @@ from django.conf import settings
 
 from keyaos.lib.errors import GatewayError
 from providers.upstream import Failure
+from routing.dispatcher import Refusal
 
 __all__ = ["AttemptFailure", "GatewayError", "UpstreamRefused", "UpstreamUnavailable"]
 
@@ -78,12 +79,12 @@ def all_attempts_failed(failures: list[AttemptFailure]) -> UpstreamUnavailable:
     )
 
 
-def no_available_key(model: str, reasons: list[str]) -> UpstreamUnavailable:
-    detail = "; ".join(sorted(set(reasons))[:10]) or "no active offer"
+def no_candidate(refusal: Refusal) -> GatewayError:
+    """No pair could serve: the dispatcher says whose side it is on."""
+    if refusal.status < 500 and refusal.status != 429:
+        return GatewayError(refusal.status, refusal.message, code=refusal.code, param=refusal.param)
     return UpstreamUnavailable(
-        503,
-        f"No usable upstream key serves {model!r} right now ({detail}).",
-        code="no_available_key",
+        refusal.status, refusal.message, code=refusal.code, retry_after_s=refusal.retry_after_s
     )
 
 

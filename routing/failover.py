@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING
@@ -56,11 +56,12 @@ from routing.errors import (
     ambiguous_model,
     answer_dropped,
     model_not_found,
-    no_available_key,
+    no_candidate,
     stream_interrupted,
 )
 from routing.requests import ClientRequest
 from routing.runtime import Runtime
+from routing.sessions import SessionState, session_id
 from routing.snapshot import ClientKey
 
 if TYPE_CHECKING:
@@ -98,6 +99,9 @@ class Exchange:
         self.overhead_ms: float | None = None
         self.reservation: Reservation | None = None
         self.chosen: Candidate | None = None
+        self.decision: Decision | None = None
+        self.session = ""  # routing.sessions' id of the conversation, then of it and the model
+        self.held: Candidate | None = None  # whose estimated cost is reserved on its key now
         self.finished = False
         self.record = RequestRecord(
             request_id=request_id,
@@ -114,20 +118,19 @@ class Exchange:
     def request_id(self) -> str:
         return self.record.request_id
 
-    def begin(self, request: ClientRequest) -> None:
+    def begin(self, request: ClientRequest, *, headers: Mapping[str, str]) -> None:
         self.request = request
+        self.session = session_id(headers, request.body, client_id=self.client.id)
         self.record.requested_model = request.model
         self.record.streamed = request.stream
 
     async def forward(self) -> Answer:
         """The first candidate's answer, or a GatewayError for the client."""
-        decision = self._decide()
+        decision = await self._decide()
         self._check_model(decision)
         if not decision.candidates and not decision.last_resort:
-            raise no_available_key(
-                decision.model,
-                [f"{e.provider_slug} {e.key_name}: {e.reason}" for e in decision.excluded],
-            )
+            raise no_candidate(decision.refusal)
+        self.decision = decision
         await self._admit((decision.candidates or decision.last_resort)[0])
         failures: list[AttemptFailure] = []
         for candidate, started in attempt_order(self.runtime.board, decision):
@@ -161,6 +164,31 @@ class Exchange:
             usage=usage,
         )
 
+    def _hold(self, candidate: Candidate) -> None:
+        """Count the attempt's estimated cost against its key's balance while it runs."""
+        self._release()
+        self.held = candidate
+        self.runtime.in_flight.reserve(candidate.key.id, candidate.list_cost)
+
+    def _release(self) -> None:
+        if self.held is not None:
+            self.runtime.in_flight.release(self.held.key.id, self.held.list_cost)
+            self.held = None
+
+    def _remember_session(self, usage: Usage) -> None:
+        """The key that answered now holds this conversation's prompt in its provider's cache."""
+        candidate = self.chosen
+        state = SessionState(
+            key_id=candidate.key.id,
+            offer_id=candidate.offer.id,
+            served_at=time.time(),
+            prompt_tokens=usage.prompt_tokens or self.request.prompt_tokens,
+            ttl_s=candidate.provider.prompt_cache_ttl_s,
+        )
+        share = self.runtime.sessions.remember(self.session, state)
+        if share is not None:
+            self.runtime.spawn(share)
+
     def finish(
         self, outcome: str, *, status: int, error: str = "", usage: Usage | None = None
     ) -> None:
@@ -176,6 +204,9 @@ class Exchange:
             record.usage = usage
         record.latency_ms = _ms_since(self.started)
         record.overhead_ms = self.overhead_ms
+        self._release()
+        if outcome == Outcome.OK and self.chosen is not None:
+            self._remember_session(record.usage)
         self.runtime.submit(record)
         if self.reservation is not None:
             cost = record.cost()
@@ -272,7 +303,7 @@ class Exchange:
             )
             await asyncio.shield(response.aclose())
 
-    def _decide(self) -> Decision:
+    async def _decide(self) -> Decision:
         snapshot = self.runtime.snapshot
         try:
             model = resolve_model(snapshot, self.request.model)
@@ -280,6 +311,7 @@ class Exchange:
             raise model_not_found(self.request.model) from None
         except AmbiguousModel as error:
             raise ambiguous_model(str(error)) from None
+        self.session = f"{self.session}|{model}"
         return rank_candidates(
             snapshot,
             model,
@@ -288,6 +320,9 @@ class Exchange:
             output_tokens=self.request.output_tokens,
             kind=self.request.kind,
             preferences=self.request.preferences,
+            session=await self.runtime.sessions.get(self.session),
+            in_flight=self.runtime.in_flight,
+            limit=settings.KEYAOS_MAX_ATTEMPTS,
         )
 
     def _check_model(self, decision: Decision) -> None:
@@ -338,6 +373,7 @@ class Exchange:
         attempt_started = time.perf_counter()
         if self.overhead_ms is None:
             self.overhead_ms = (attempt_started - self.started) * 1000
+        self._hold(candidate)
         try:
             response = await self.runtime.client.send(upstream, stream=True)
         except httpx.HTTPError as error:
@@ -386,6 +422,8 @@ class Exchange:
                 self.runtime.spawn(board.share_close(candidate.key, ended))
         else:
             self._blame(candidate, failure.failure, failure.message, failure.retry_after_s, started)
+        if failure is not None:
+            self._release()
         return failure
 
     async def _check_answer(

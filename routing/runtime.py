@@ -19,9 +19,11 @@ from httpx_aiohttp import AiohttpTransport
 from billing.counters import Counters
 from billing.recorder import LedgerWriter, RequestRecord
 from keyaos.lib.db import db_task
+from routing.dispatcher import InFlight
 from routing.health import HealthBoard
 from routing.models import SnapshotVersion
 from routing.observe import request_finished
+from routing.sessions import SessionMemory
 from routing.snapshot import Snapshot, build_snapshot
 
 logger = logging.getLogger("keyaos.gateway")
@@ -35,6 +37,8 @@ class Runtime:
         self.board = HealthBoard()
         self.ledger = LedgerWriter()
         self.counters = new_counters()
+        self.in_flight = InFlight()
+        self.sessions = SessionMemory()
         self.client: httpx.AsyncClient | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._poller: asyncio.Task | None = None
@@ -60,6 +64,7 @@ class Runtime:
             self.loop, self._starting, self._reloading = loop, asyncio.Lock(), asyncio.Lock()
             self.snapshot, self.client = None, None
             self.counters = new_counters()  # a Redis connection belongs to one event loop
+            self.sessions = SessionMemory(settings.REDIS_URL)  # its connections: one loop's
         async with self._starting:
             if self.snapshot is not None:
                 return
@@ -87,6 +92,7 @@ class Runtime:
         if self.client is not None:
             await self.client.aclose()
         await self.counters.close()
+        await self.sessions.close()
         self.snapshot, self.client, self.loop = None, None, None
 
     def submit(self, record: RequestRecord) -> None:

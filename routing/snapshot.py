@@ -34,6 +34,7 @@ class ProviderInfo(UpstreamEndpoint):
     currency: str
     auth_style: str
     read_timeout_s: float
+    prompt_cache_ttl_s: float = 300.0
 
     def request_url(self, endpoint: str) -> httpx.URL:
         """Parsed once per endpoint: parsing a URL is a good part of building a request."""
@@ -104,11 +105,24 @@ class Snapshot:
         readable = sum(len(provider_keys) for provider_keys in self.keys.values())
         return SecretCheck(readable, tuple(self.unreadable_keys))
 
+    @cached_property
     def bare_ids(self) -> dict[str, set[str]]:
         names: dict[str, set[str]] = defaultdict(set)
         for canonical in self.offers:
             names[canonical.rsplit("/", 1)[-1]].add(canonical)
-        return names
+        return dict(names)
+
+    @cached_property
+    def key_groups(self) -> dict[int, list[tuple[Decimal, list[KeyInfo]]]]:
+        """Provider id -> its keys grouped by multiplier, cheapest first: a request's cost is
+        then computed once per (offer, multiplier), not once per key."""
+        groups: dict[int, list[tuple[Decimal, list[KeyInfo]]]] = {}
+        for provider_id, keys in self.keys.items():
+            by_multiplier: dict[Decimal, list[KeyInfo]] = defaultdict(list)
+            for key in keys:
+                by_multiplier[key.multiplier].append(key)
+            groups[provider_id] = sorted(by_multiplier.items(), key=lambda item: item[0])
+        return groups
 
 
 def build_snapshot() -> Snapshot:
@@ -123,6 +137,7 @@ def build_snapshot() -> Snapshot:
             currency=p.currency,
             auth_style=p.auth_style,
             read_timeout_s=p.read_timeout_s,
+            prompt_cache_ttl_s=p.prompt_cache_ttl_s,
         )
         for p in Provider.objects.filter(enabled=True)
     }

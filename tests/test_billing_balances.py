@@ -44,7 +44,8 @@ def openrouter(gateway, fake_upstream):
 def chat(gateway, client_key: str) -> httpx.Response:
     return httpx.post(
         gateway.url + "/chat/completions",
-        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]},
+        # A short answer: routing wants the key's balance to cover the request's estimate.
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
         headers={"Authorization": f"Bearer {client_key}"},
         timeout=10,
     )

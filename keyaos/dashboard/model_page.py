@@ -19,6 +19,7 @@ from keyaos.dashboard.charts import Chart, step_line_chart
 from providers.models import ModelOffer, PriceHistory, UpstreamKey
 from routing.dispatcher import AmbiguousModel, ModelNotFound
 from routing.explain import RouteExplanation, explain_route
+from routing.runtime import runtime
 
 
 def model_page(request: HttpRequest, site, canonical_id: str) -> HttpResponse:
@@ -96,7 +97,7 @@ class RoutePick:
 def route_pick(canonical_id: str) -> RoutePick:
     """What ``manage.py route`` says for this model now, as rows for a table."""
     try:
-        explanation = explain_route(canonical_id)
+        explanation = explain_route(canonical_id, in_flight=runtime.in_flight)
     except (ModelNotFound, AmbiguousModel) as exc:
         message = str(exc) if isinstance(exc, AmbiguousModel) else "no active offer"
         return RoutePick(None, f"The gateway cannot serve {canonical_id} now: {message}.", [], [])
@@ -109,6 +110,14 @@ def route_pick(canonical_id: str) -> RoutePick:
             "native_id": candidate.offer.upstream_model_id,
             "estimated_cost": format_usd(candidate.estimated_cost_usd),
             "multiplier": candidate.key.multiplier,
+            "identity": ModelOffer.IdentityRule(candidate.offer.identity_rule).label,
+            "fit": _fit(candidate.offer.context_length),
+            "cache_saving": format_usd(candidate.cache_saving_usd)
+            if candidate.cached_tokens
+            else "-",
+            "in_flight": f"{candidate.in_flight.normalize():f} {candidate.offer.prices.currency}"
+            if candidate.in_flight
+            else "-",
         }
         for rank, candidate in enumerate(decision.candidates, start=1)
     ]
@@ -122,6 +131,10 @@ def route_pick(canonical_id: str) -> RoutePick:
         for item in decision.excluded
     ]
     return RoutePick(explanation, "", candidates, excluded)
+
+
+def _fit(context_length: int | None) -> str:
+    return f"fits ({context_length:,} context)" if context_length else "fits (context unknown)"
 
 
 def price_history_charts(offers: list[ModelOffer], rates: dict[str, Decimal]) -> list[Chart]:

@@ -15,6 +15,17 @@ class Command(BaseCommand):
         parser.add_argument("--max-tokens", type=int, default=None)
         parser.add_argument("--only", default="", help="Comma-separated provider slugs.")
         parser.add_argument("--ignore", default="", help="Comma-separated provider slugs.")
+        parser.add_argument(
+            "--cached-key",
+            default="",
+            help="Rank as if this key (name or id) had just served the conversation.",
+        )
+        parser.add_argument(
+            "--cached-tokens",
+            type=int,
+            default=0,
+            help="Prompt tokens it served then (default: --prompt-tokens).",
+        )
 
     def handle(self, *args, **options) -> None:
         preferences = ProviderPreferences(
@@ -26,7 +37,11 @@ class Command(BaseCommand):
                 prompt_tokens=options["prompt_tokens"],
                 output_tokens=options["max_tokens"],
                 preferences=preferences,
+                cached_key=options["cached_key"],
+                cached_tokens=options["cached_tokens"],
             )
+        except ValueError as error:
+            raise CommandError(str(error)) from None
         except ModelNotFound:
             raise CommandError(f"No active offer serves {options['model']!r}.") from None
         except AmbiguousModel as error:

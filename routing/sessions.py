@@ -1,0 +1,175 @@
+"""Which key served a conversation last: where routing expects its prompt cache to be.
+
+A request belongs to a session named by the client (``X-Claude-Code-Session-Id``, ``session_id``
+/ ``session-id`` headers, ``prompt_cache_key``, ``metadata.user_id``, ``user``) or, failing
+those, by a hash of the client key, the model, the system prompt and the first user message:
+what stays the same from one turn of a conversation to the next. After each answered request the
+session remembers its key, when, and how many prompt tokens it sent: in this process, and in
+Redis when ``REDIS_URL`` is set (redis-py's asyncio client: no thread hop), so every gateway
+process routes a conversation's next turn with the same knowledge. Redis is written after the
+response and read only when this process has not seen the session; while it cannot be reached,
+sessions are this process's alone (one warning in the log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+logger = logging.getLogger("keyaos.sessions")
+
+SESSION_HEADERS = ("x-claude-code-session-id", "session_id", "session-id")
+KEY_PREFIX = "keyaos:session:"
+MAX_LOCAL_SESSIONS = 100_000
+RETRY_S = 5.0
+
+
+@dataclass(frozen=True)
+class SessionState:
+    key_id: int
+    offer_id: int
+    served_at: float  # epoch seconds
+    prompt_tokens: int
+    ttl_s: float  # the provider's prompt cache lifetime then: how long Redis keeps it
+
+    def dumps(self) -> str:
+        return json.dumps(
+            [self.key_id, self.offer_id, self.served_at, self.prompt_tokens, self.ttl_s]
+        )
+
+    @classmethod
+    def loads(cls, raw: bytes | str) -> SessionState | None:
+        try:
+            key_id, offer_id, served_at, prompt_tokens, ttl_s = json.loads(raw)
+            return cls(int(key_id), int(offer_id), float(served_at), int(prompt_tokens), ttl_s)
+        except (ValueError, TypeError):
+            return None
+
+
+def session_id(headers: Mapping[str, str], body: dict[str, Any], *, client_id: int) -> str:
+    """The session a request belongs to, scoped to the client key (and, by the caller, model)."""
+    for name in SESSION_HEADERS:
+        value = headers.get(name)
+        if value:
+            return f"{client_id}:h:{value[:200]}"
+    metadata = body.get("metadata")
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    for value in (body.get("prompt_cache_key"), user_id, body.get("user")):
+        if isinstance(value, str) and value:
+            return f"{client_id}:b:{value[:200]}"
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str(body.get("model")).encode())
+    system, first_user = _conversation_start(body)
+    digest.update(b"\0" + _bytes(system) + b"\0" + _bytes(first_user))
+    return f"{client_id}:d:{digest.hexdigest()}"
+
+
+def _conversation_start(body: dict[str, Any]) -> tuple[Any, Any]:
+    system = body.get("system", body.get("instructions"))
+    messages = body.get("messages", body.get("input"))
+    first_user = None
+    if isinstance(messages, list):
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            role = message.get("role")
+            if role in ("system", "developer") and system is None:
+                system = message.get("content")
+            elif role == "user":
+                first_user = message.get("content")
+                break
+    elif messages is None:
+        first_user = body.get("prompt")
+    else:
+        first_user = messages
+    return system, first_user
+
+
+def _bytes(value: Any) -> bytes:
+    if value is None:
+        return b""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace")
+    return json.dumps(value, sort_keys=True, default=str).encode()
+
+
+class SessionMemory:
+    """Sessions seen by this process, backed by Redis when configured."""
+
+    def __init__(self, redis_url: str = "", *, timeout_s: float = 0.2) -> None:
+        self.local: OrderedDict[str, SessionState] = OrderedDict()
+        self.timeout_s = timeout_s
+        self._redis = aioredis.from_url(redis_url) if redis_url else None
+        self._failing_since: float | None = None
+
+    def get_local(self, session: str) -> SessionState | None:
+        return self.local.get(session)
+
+    async def get(self, session: str) -> SessionState | None:
+        state = self.local.get(session)
+        if state is not None or not self._redis_usable():
+            return state
+        try:
+            raw = await asyncio.wait_for(self._redis.get(KEY_PREFIX + session), self.timeout_s)
+        except (RedisError, OSError, TimeoutError) as error:
+            self._failed(error)
+            return None
+        self._failing_since = None
+        state = SessionState.loads(raw) if raw is not None else None
+        if state is not None:
+            self._keep(session, state)
+        return state
+
+    def remember(self, session: str, state: SessionState):
+        """Keep ``state`` here now; returns the Redis write to run after the response, if any."""
+        self._keep(session, state)
+        if not self._redis_usable():
+            return None
+        return self._share(session, state)
+
+    async def _share(self, session: str, state: SessionState) -> None:
+        try:
+            await asyncio.wait_for(
+                self._redis.set(
+                    KEY_PREFIX + session, state.dumps(), ex=max(int(state.ttl_s) + 1, 1)
+                ),
+                self.timeout_s,
+            )
+        except (RedisError, OSError, TimeoutError) as error:
+            self._failed(error)
+        else:
+            self._failing_since = None
+
+    def _keep(self, session: str, state: SessionState) -> None:
+        self.local[session] = state
+        self.local.move_to_end(session)
+        while len(self.local) > MAX_LOCAL_SESSIONS:
+            self.local.popitem(last=False)
+
+    def _redis_usable(self) -> bool:
+        if self._redis is None:
+            return False
+        return self._failing_since is None or time.monotonic() - self._failing_since > RETRY_S
+
+    def _failed(self, error: Exception) -> None:
+        if self._failing_since is None:
+            logger.warning(
+                "sessions: Redis unreachable (%s); prompt-cache sessions are per process until "
+                "it answers again",
+                type(error).__name__,
+            )
+        self._failing_since = time.monotonic()
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()

@@ -1,0 +1,89 @@
+"""Sessions: which conversation a request belongs to, and where its last key is remembered."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import redis
+
+from routing.sessions import KEY_PREFIX, SessionMemory, SessionState, session_id
+
+REDIS_URL = "redis://127.0.0.1:6379/6"
+
+
+def chat(system: str, first: str, *later: str, **fields):
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": first}]
+    messages += [{"role": "assistant", "content": text} for text in later]
+    return {"model": "m", "messages": messages, **fields}
+
+
+class TestSessionId:
+    def test_the_client_names_it_by_header_first(self):
+        for header in ("X-Claude-Code-Session-Id", "session_id", "session-id"):
+            headers = {header.lower(): "abc"}
+            assert session_id(headers, chat("s", "u"), client_id=1) == "1:h:abc"
+
+    @pytest.mark.parametrize(
+        "fields",
+        [{"prompt_cache_key": "abc"}, {"metadata": {"user_id": "abc"}}, {"user": "abc"}],
+    )
+    def test_or_by_a_body_field(self, fields):
+        assert session_id({}, chat("s", "u", **fields), client_id=1) == "1:b:abc"
+
+    def test_otherwise_the_start_of_the_conversation_names_it(self):
+        first = session_id({}, chat("system", "question"), client_id=1)
+        later = session_id({}, chat("system", "question", "answer", "more"), client_id=1)
+        assert first == later
+        assert session_id({}, chat("system", "other question"), client_id=1) != first
+        assert session_id({}, chat("system", "question"), client_id=2) != first
+
+    def test_anthropic_and_responses_shapes_are_read_too(self):
+        messages = {"model": "m", "system": "s", "messages": [{"role": "user", "content": "u"}]}
+        responses = {"model": "m", "instructions": "s", "input": [{"role": "user", "content": "u"}]}
+        assert session_id({}, messages, client_id=1) == session_id({}, responses, client_id=1)
+
+
+STATE = SessionState(key_id=7, offer_id=3, served_at=1000.0, prompt_tokens=1200, ttl_s=300.0)
+
+
+def test_every_process_sees_a_session_through_redis():
+    try:
+        redis.Redis.from_url(REDIS_URL).ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    name = f"test-{uuid.uuid4().hex}"
+
+    async def scenario():
+        writer, reader = SessionMemory(REDIS_URL), SessionMemory(REDIS_URL)
+        try:
+            assert await reader.get(name) is None
+            await writer.remember(name, STATE)
+            assert await reader.get(name) == STATE
+            assert reader.get_local(name) == STATE  # kept here once read
+        finally:
+            await writer.close()
+            await reader.close()
+
+    asyncio.run(scenario())
+    shared = redis.Redis.from_url(REDIS_URL)
+    assert 0 < shared.ttl(KEY_PREFIX + name) <= 301
+    shared.delete(KEY_PREFIX + name)
+
+
+def test_an_unreachable_redis_leaves_sessions_in_the_process(caplog):
+    async def scenario():
+        memory = SessionMemory("redis://127.0.0.1:1/0", timeout_s=0.5)
+        try:
+            share = memory.remember("s", STATE)
+            await share
+            assert memory.get_local("s") == STATE
+            assert await memory.get("other") is None
+            assert memory.remember("t", STATE) is None  # not tried again at once
+        finally:
+            await memory.close()
+
+    asyncio.run(scenario())
+    warnings = [r for r in caplog.records if "Redis unreachable" in r.getMessage()]
+    assert len(warnings) == 1
