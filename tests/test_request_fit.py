@@ -14,7 +14,8 @@ from django.core.management import call_command
 
 from billing.models import LedgerEntry
 from tests.factories import make_client_key, make_key, make_offer, make_provider
-from tests.fake_upstream import Reply, chat_completion
+from tests.fake_upstream import Reply
+from tests.payloads import chat_completion
 
 MODEL = "qwen/qwen3-32b"
 EMBEDDING = "openai/text-embedding-3-small"
