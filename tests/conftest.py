@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.factories import World, make_world
 from tests.fake_upstream import FakeUpstream
 
 
@@ -100,3 +101,9 @@ def gateway(_gateway_server, transactional_db):
     _gateway_server.reload()
     yield _gateway_server
     _gateway_server.flush_ledger()
+
+
+@pytest.fixture
+def served_world(gateway, fake_upstream) -> World:
+    """The default world (tests/factories.py make_world), served by the gateway."""
+    return make_world(fake_upstream, gateway)

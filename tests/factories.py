@@ -1,8 +1,10 @@
-"""Small builders for the rows most tests need."""
+"""Small builders for the rows most tests need, and the world a gateway test serves from."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 from billing.models import ApiKey
 from providers.models import ModelOffer, Provider, UpstreamKey
@@ -47,3 +49,64 @@ def make_offer(
 
 def make_client_key(name: str = "client") -> tuple[ApiKey, str]:
     return ApiKey.create_key(name=name)
+
+
+@dataclass
+class World:
+    """A provider at the fake upstream, one priced offer, an upstream key and a client key."""
+
+    provider: Provider
+    offer: ModelOffer
+    key: UpstreamKey
+    api_key: ApiKey
+    client_key: str  # the plain secret, as a client sends it
+    chat_path: str  # where the fake upstream receives the provider's chat completions
+    gateway_url: str = ""
+
+    def client(self, **options: Any):
+        """The official OpenAI SDK pointed at the gateway with this world's client key."""
+        import openai
+
+        return openai.OpenAI(
+            base_url=self.gateway_url, api_key=self.client_key, **({"max_retries": 0} | options)
+        )
+
+
+def make_world(
+    fake_upstream,
+    gateway=None,
+    *,
+    slug: str = "openrouter",
+    prefix: str | None = None,
+    model: str = "openai/gpt-4o-mini",
+    input: str = "0.15",
+    output: str = "0.6",
+    canonical_id: str | None = None,
+    secret: str | None = None,
+    label: str = "",
+    key_fields: dict[str, Any] | None = None,
+    provider_fields: dict[str, Any] | None = None,
+    reply: dict[str, Any] | None = None,
+) -> World:
+    """Build the world at ``fake_upstream.url(prefix)``; with ``reply``, the upstream answers chat
+    completions with it; with ``gateway``, the gateway reloads its snapshot to serve it."""
+    prefix = prefix or slug
+    provider = make_provider(slug, fake_upstream.url(prefix), **(provider_fields or {}))
+    offer = make_offer(provider, model, canonical_id=canonical_id, input=input, output=output)
+    secret = secret or f"sk-{slug}-" + "w" * 32
+    key = make_key(provider, secret, label=label, **(key_fields or {}))
+    api_key, client_key = make_client_key()
+    chat_path = f"/{prefix}/chat/completions"
+    if reply is not None:
+        fake_upstream.reply("POST", chat_path, json_body=reply)
+    if gateway is not None:
+        gateway.reload()
+    return World(
+        provider=provider,
+        offer=offer,
+        key=key,
+        api_key=api_key,
+        client_key=client_key,
+        chat_path=chat_path,
+        gateway_url=gateway.url if gateway is not None else "",
+    )

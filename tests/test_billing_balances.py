@@ -9,7 +9,7 @@ import pytest
 
 from providers.models import BalanceReading, UpstreamKey
 from providers.refresh import refresh_providers, store_balance
-from tests.factories import make_client_key, make_key, make_offer, make_provider
+from tests.factories import make_key, make_provider, make_world
 from tests.payloads import chat_completion, openrouter_credits, openrouter_model, serve_openrouter
 
 MODEL = "openai/gpt-4o-mini"
@@ -18,16 +18,17 @@ PREFIX = "openrouter/api/v1"
 
 @pytest.fixture
 def openrouter(gateway, fake_upstream):
-    provider = make_provider("openrouter", fake_upstream.url(PREFIX))
-    make_offer(provider, MODEL, input="0.15", output="0.6")
-    key = make_key(
-        provider,
-        "sk-or-v1-" + "x" * 40,
-        balance=Decimal("0.000005"),
-        balance_source=UpstreamKey.BalanceSource.AUTO,
+    world = make_world(
+        fake_upstream,
+        gateway,
+        prefix=PREFIX,
+        model=MODEL,
+        key_fields={
+            "balance": Decimal("0.000005"),
+            "balance_source": UpstreamKey.BalanceSource.AUTO,
+        },
     )
-    _, client_key = make_client_key()
-    gateway.reload()
+    key, client_key = world.key, world.client_key
     fake_upstream.reply(
         "POST",
         f"/{PREFIX}/chat/completions",

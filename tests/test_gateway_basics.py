@@ -7,22 +7,24 @@ import openai
 import pytest
 
 from billing.models import LedgerEntry
-from tests.factories import make_client_key, make_key, make_offer, make_provider
+from tests.factories import make_offer, make_world
 from tests.payloads import chat_chunks, chat_completion
 
 
 @pytest.fixture
 def setup(gateway, fake_upstream):
-    provider = make_provider("openrouter", fake_upstream.url("openrouter/api/v1"))
-    make_offer(provider, "openai/gpt-4o-mini", input="0.15", output="0.6")
-    make_offer(
-        provider, "openai/text-embedding-3-small", input="0.02", output="0", kind="embedding"
+    world = make_world(
+        fake_upstream, prefix="openrouter/api/v1", secret="sk-or-v1-" + "a" * 40, label="main"
     )
-    key = make_key(provider, "sk-or-v1-" + "a" * 40, label="main")
-    _, client_key = make_client_key()
+    make_offer(
+        world.provider, "openai/text-embedding-3-small", input="0.02", output="0", kind="embedding"
+    )
     gateway.reload()
-    client = openai.OpenAI(base_url=gateway.url, api_key=client_key, max_retries=0)
-    return provider, key, client
+    return (
+        world.provider,
+        world.key,
+        openai.OpenAI(base_url=gateway.url, api_key=world.client_key, max_retries=0),
+    )
 
 
 def test_the_openai_sdk_lists_the_models_it_can_route(setup):

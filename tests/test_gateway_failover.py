@@ -7,7 +7,7 @@ import pytest
 
 from billing.models import Attempt, LedgerEntry
 from providers.models import Provider, UpstreamKey
-from tests.factories import make_client_key, make_key, make_offer, make_provider
+from tests.factories import make_client_key, make_key, make_offer, make_provider, make_world
 from tests.fake_upstream import Reply
 from tests.payloads import chat_completion
 
@@ -254,12 +254,10 @@ def test_a_refused_or_dropped_connection_is_a_502_that_says_so(
 @pytest.fixture
 def one_key(gateway, fake_upstream, settings):
     settings.KEYAOS_TRIP_MIN_FAILURES = 1
-    provider = make_provider("only", fake_upstream.url("only/v1"))
-    make_offer(provider, MODEL)
-    key = make_key(provider, "sk-only-" + "o" * 30, label="only-key")
-    _, client_key = make_client_key()
-    gateway.reload()
-    return key, openai.OpenAI(base_url=gateway.url, api_key=client_key, max_retries=0)
+    world = make_world(
+        fake_upstream, gateway, slug="only", prefix="only/v1", model=MODEL, input="1", output="2"
+    )
+    return world.key, world.client()
 
 
 ONLY = "/only/v1/chat/completions"

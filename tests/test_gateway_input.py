@@ -9,7 +9,7 @@ import pytest
 from django.core.management import call_command
 
 from billing.models import ApiKey, LedgerEntry
-from tests.factories import make_client_key, make_key, make_offer, make_provider
+from tests.factories import make_world
 from tests.payloads import chat_completion
 
 MODEL = "openai/gpt-4o-mini"
@@ -17,13 +17,16 @@ MODEL = "openai/gpt-4o-mini"
 
 @pytest.fixture
 def client_key(gateway, fake_upstream):
-    provider = make_provider("openrouter", fake_upstream.url("or"))
-    make_offer(provider, MODEL)
-    make_key(provider, "sk-or-v1-" + "i" * 40)
-    fake_upstream.reply("POST", "/or/chat/completions", json_body=chat_completion(MODEL))
-    _, plain = make_client_key()
-    gateway.reload()
-    return plain
+    world = make_world(
+        fake_upstream,
+        gateway,
+        prefix="or",
+        model=MODEL,
+        input="1",
+        output="2",
+        reply=chat_completion(MODEL),
+    )
+    return world.client_key
 
 
 def post(gateway, key, content, headers=None):

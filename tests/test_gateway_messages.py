@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from billing.models import ApiKey, LedgerEntry
-from tests.factories import make_client_key, make_key, make_offer, make_provider
+from tests.factories import make_key, make_offer, make_provider, make_world
 from tests.payloads import (
     chat_chunks,
     chat_completion,
@@ -35,12 +35,18 @@ WEATHER = {
 
 @pytest.fixture
 def world(gateway, fake_upstream):
-    provider = make_provider("ds", fake_upstream.url("ds/v1"))
-    make_offer(provider, MODEL, canonical_id=MODEL, input="1", output="2")
-    make_key(provider, "sk-ds-" + "k" * 30, label="ds-key")
-    api_key, plain = make_client_key()
-    gateway.reload()
-    return api_key, plain
+    world = make_world(
+        fake_upstream,
+        gateway,
+        slug="ds",
+        prefix="ds/v1",
+        model=MODEL,
+        canonical_id=MODEL,
+        input="1",
+        output="2",
+        label="ds-key",
+    )
+    return world.api_key, world.client_key
 
 
 def client(gateway, plain: str) -> anthropic.Anthropic:

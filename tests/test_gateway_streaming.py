@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from billing.models import LedgerEntry
-from tests.factories import make_client_key, make_key, make_offer, make_provider
+from tests.factories import make_key, make_offer, make_provider, make_world
 from tests.fake_upstream import sse
 from tests.payloads import chat_chunks
 
@@ -20,12 +20,8 @@ PATH = "/or/api/v1/chat/completions"
 
 @pytest.fixture
 def setup(gateway, fake_upstream):
-    provider = make_provider("openrouter", fake_upstream.url("or/api/v1"))
-    make_offer(provider, MODEL, input="0.15", output="0.6")
-    key = make_key(provider, "sk-or-v1-" + "s" * 40, label="stream-key")
-    _, client_key = make_client_key()
-    gateway.reload()
-    return key, client_key
+    world = make_world(fake_upstream, gateway, prefix="or/api/v1", model=MODEL, label="stream-key")
+    return world.key, world.client_key
 
 
 def stream_request(gateway, client_key, **body):

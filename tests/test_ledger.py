@@ -19,7 +19,7 @@ from billing.costs import Prices
 from billing.models import ApiKey, LedgerEntry
 from billing.recorder import RequestRecord, write_records
 from billing.usage import Usage
-from tests.factories import make_client_key, make_key, make_offer, make_provider
+from tests.factories import make_world
 from tests.fake_upstream import Reply
 
 MODEL = "openai/gpt-4o-mini"
@@ -28,12 +28,14 @@ PATH = "/openrouter/api/v1/chat/completions"
 
 @pytest.fixture
 def setup(gateway, fake_upstream):
-    provider = make_provider("openrouter", fake_upstream.url("openrouter/api/v1"))
-    make_offer(provider, MODEL, input="0.15", output="0.6")
-    key = make_key(provider, "sk-or-v1-" + "c" * 40, balance=Decimal("10"))
-    api_key, client_key = make_client_key()
-    gateway.reload()
-    return key, api_key, client_key
+    world = make_world(
+        fake_upstream,
+        gateway,
+        prefix="openrouter/api/v1",
+        model=MODEL,
+        key_fields={"balance": Decimal("10")},
+    )
+    return world.key, world.api_key, world.client_key
 
 
 def priced_answer(request) -> Reply:

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from billing.limits import KeyLimits
 from billing.models import ApiKey, LedgerEntry, budget_period_start
-from tests.factories import make_key, make_offer, make_provider
+from tests.factories import make_offer, make_world
 from tests.payloads import chat_chunks, chat_completion
 
 MODEL = "openai/gpt-4o-mini"
@@ -23,15 +23,15 @@ PATH = "/openrouter/api/v1/chat/completions"
 
 @pytest.fixture
 def upstream(gateway, fake_upstream):
-    provider = make_provider("openrouter", fake_upstream.url("openrouter/api/v1"))
-    make_offer(provider, MODEL, input="1", output="2")
-    make_offer(provider, "anthropic/claude-sonnet-4", input="3", output="15")
-    make_key(provider, "sk-or-v1-" + "l" * 40)
-    fake_upstream.reply(
-        "POST",
-        PATH,
-        json_body=chat_completion(MODEL, prompt_tokens=5, completion_tokens=50, total_tokens=55),
+    world = make_world(
+        fake_upstream,
+        prefix="openrouter/api/v1",
+        model=MODEL,
+        input="1",
+        output="2",
+        reply=chat_completion(MODEL, prompt_tokens=5, completion_tokens=50, total_tokens=55),
     )
+    make_offer(world.provider, "anthropic/claude-sonnet-4", input="3", output="15")
     return fake_upstream
 
 

@@ -20,7 +20,7 @@ import pytest
 from billing.counters import Counters
 from billing.limits import KeyLimits, LimitExceeded, admit, settle
 from billing.models import ApiKey, LedgerEntry
-from tests.factories import make_key, make_offer, make_provider
+from tests.factories import make_world
 from tests.fake_upstream import free_port
 from tests.payloads import chat_completion
 
@@ -102,13 +102,13 @@ def redis_gateway(gateway, fake_upstream, own_redis):
         runtime.counters = Counters(own_redis.url, timeout_s=0.5, retry_s=0.5)
 
     gateway.run(use_own_redis())
-    provider = make_provider("openrouter", fake_upstream.url("openrouter/api/v1"))
-    make_offer(provider, MODEL, input="1", output="2")
-    make_key(provider, "sk-or-v1-" + "r" * 40)
-    fake_upstream.reply(
-        "POST",
-        PATH,
-        json_body=chat_completion(MODEL, prompt_tokens=5, completion_tokens=50, total_tokens=55),
+    make_world(
+        fake_upstream,
+        prefix="openrouter/api/v1",
+        model=MODEL,
+        input="1",
+        output="2",
+        reply=chat_completion(MODEL, prompt_tokens=5, completion_tokens=50, total_tokens=55),
     )
     yield gateway
     gateway.reset_health()
