@@ -356,6 +356,7 @@ class DailyUsageAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         "requested_model",
         "requests",
         "errors",
+        "client_errors",
         "prompt_tokens",
         "completion_tokens",
         "cost_usd",

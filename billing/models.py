@@ -132,6 +132,7 @@ def budget_period_start(period: str, when: datetime) -> datetime | None:
 USAGE_SUMS = (
     "requests",
     "errors",
+    "client_errors",
     "prompt_tokens",
     "completion_tokens",
     "cost_usd",
@@ -162,6 +163,7 @@ class LedgerQuerySet(models.QuerySet):
             {
                 "requests": Count("id"),
                 "errors": Count("id", filter=~Q(outcome=LedgerEntry.Outcome.OK)),
+                "client_errors": Count("id", filter=Q(outcome__in=LedgerEntry.CLIENT_SIDE)),
                 "prompt_tokens": Sum("prompt_tokens"),
                 "completion_tokens": Sum("completion_tokens"),
                 "cost_usd": Sum("cost_usd"),
@@ -179,6 +181,9 @@ class LedgerEntry(models.Model):
         CLIENT_ERROR = "client_error", "Client error"
         DISCONNECTED = "disconnected", "Client disconnected"
         STREAM_FAILED = "stream_failed", "Failed mid-stream"
+
+    # Not the upstream's failing: what the client sent, or the client leaving.
+    CLIENT_SIDE = (Outcome.CLIENT_ERROR, Outcome.DISCONNECTED)
 
     class UsageSource(models.TextChoices):
         REPORTED = "reported", "Reported by the upstream"
@@ -308,6 +313,9 @@ class DailyUsage(models.Model):
     requested_model = models.CharField(max_length=200)
     requests = models.PositiveIntegerField(default=0)
     errors = models.PositiveIntegerField(default=0)
+    client_errors = models.PositiveIntegerField(
+        default=0, help_text="Errors of the client's making: client errors and disconnects."
+    )
     prompt_tokens = models.PositiveBigIntegerField(default=0)
     completion_tokens = models.PositiveBigIntegerField(default=0)
     cost_usd = models.DecimalField(**MONEY_DIGITS, default=Decimal("0"))

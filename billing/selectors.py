@@ -24,6 +24,7 @@ def day_start(day: date) -> datetime:
 class Totals:
     requests: int = 0
     errors: int = 0
+    client_errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: Decimal = ZERO
@@ -34,7 +35,11 @@ class Totals:
         return cls(**{name: row[name] or getattr(cls, name) for name in USAGE_SUMS})
 
     def __add__(self, other: Totals) -> Totals:
-        return Totals(*(getattr(self, name) + getattr(other, name) for name in USAGE_SUMS))
+        return Totals(**{name: getattr(self, name) + getattr(other, name) for name in USAGE_SUMS})
+
+    @property
+    def upstream_errors(self) -> int:
+        return self.errors - self.client_errors
 
     @property
     def tokens(self) -> int:

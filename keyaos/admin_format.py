@@ -67,10 +67,8 @@ def format_usd(value: Decimal | int) -> str:
 
 
 def short_amount(value: Decimal | None, currency: str) -> str:
-    """An amount in its currency at list precision: ``$0.00181``, ``1,234.57 CNY``."""
-    if value is None:
-        return "-"
-    return format_usd(value) if currency == "USD" else f"{rounded(value)} {currency}"
+    """An amount in its currency at list precision: ``0.00181 USD``, ``1,234.57 CNY``."""
+    return "-" if value is None else f"{rounded(value)} {currency}"
 
 
 def format_amount(value: Decimal, currency: str) -> str:

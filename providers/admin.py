@@ -9,7 +9,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, Q
+from django.db.models import Count, OuterRef, Q, Subquery
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.loader import render_to_string
 from django.urls import path, reverse
@@ -20,7 +20,14 @@ from django.views.decorators.http import require_POST
 
 from billing.currency import UnknownCurrency, load_rates, usd_per_unit
 from billing.selectors import recent_spend
-from keyaos.admin_format import exact_amount, plain_amount, relative_time, spend_summary, usd_pair
+from keyaos.admin_format import (
+    exact_amount,
+    plain_amount,
+    relative_time,
+    short_amount,
+    spend_summary,
+    usd_pair,
+)
 from keyaos.admin_mixins import (
     AddFormMixin,
     EnableActionsMixin,
@@ -28,10 +35,11 @@ from keyaos.admin_mixins import (
     ReadOnlyAdminMixin,
     ReadOnlyInline,
 )
-from providers import services
+from providers import background, services
 from providers.crypto import SecretDecryptionError
 from providers.identity import settle_identity
 from providers.models import (
+    UNPRICED,
     BalanceReading,
     ModelAlias,
     ModelOffer,
@@ -114,18 +122,19 @@ class ProviderAdmin(AddFormMixin, admin.ModelAdmin):
     list_display = (
         "name",
         "slug",
-        "preset",
-        "base_url",
         "currency",
         "enabled",
         "active_offers",
+        "unpriced_offers",
         "key_count",
+        "last_refresh",
     )
     list_filter = ("enabled", "preset", "currency")
     search_fields = ("slug", "name", "base_url")
-    readonly_fields = ("preset", "created_at")
+    readonly_fields = ("preset", "created_at", "last_refresh")
+    actions = ["refresh_selected"]
     fieldsets = (
-        (None, {"fields": ("name", "slug", "preset", "enabled", "created_at")}),
+        (None, {"fields": ("name", "slug", "preset", "enabled", "created_at", "last_refresh")}),
         ("Upstream", {"fields": ("base_url", "currency", "auth_style", "read_timeout_s")}),
         (
             "Catalog, balance and key check",
@@ -143,18 +152,79 @@ class ProviderAdmin(AddFormMixin, admin.ModelAdmin):
     inlines = [ModelAliasInline]
 
     def get_queryset(self, request: HttpRequest):
+        latest = RefreshResult.objects.filter(provider=OuterRef("pk")).order_by("-run__started_at")
+        unpriced = Q(offers__active=True) & (
+            Q(offers__input_price_per_mtok__isnull=True)
+            | Q(offers__output_price_per_mtok__isnull=True)
+        )
         return (
             super()
             .get_queryset(request)
             .annotate(
                 active_offer_count=Count("offers", filter=Q(offers__active=True), distinct=True),
+                unpriced_offer_count=Count("offers", filter=unpriced, distinct=True),
                 key_total=Count("keys", distinct=True),
+                last_refresh_id=Subquery(latest.values("pk")[:1]),
             )
         )
+
+    def get_changelist(self, request: HttpRequest, **kwargs):
+        return ProviderChangeList
 
     @admin.display(description="active offers", ordering="active_offer_count")
     def active_offers(self, provider: Provider) -> int:
         return provider.active_offer_count
+
+    @admin.display(description="without price", ordering="unpriced_offer_count")
+    def unpriced_offers(self, provider: Provider) -> str:
+        count = provider.unpriced_offer_count
+        if not count:
+            return "0"
+        url = reverse("admin:providers_modeloffer_changelist")
+        return format_html(
+            '<a class="kd-bad" href="{}?provider__id__exact={}&amp;priced=no">{} (not served)</a>',
+            url,
+            provider.pk,
+            count,
+        )
+
+    @admin.display(description="last refresh")
+    def last_refresh(self, provider: Provider) -> str:
+        if hasattr(provider, "page_refresh"):
+            result = provider.page_refresh
+        else:
+            result = (
+                RefreshResult.objects.filter(provider=provider)
+                .select_related("run")
+                .order_by("-run__started_at")
+                .first()
+            )
+        if result is None:
+            return "never"
+        url = reverse("admin:providers_refreshrun_change", args=[result.run_id])
+        when = relative_time(result.run.started_at)
+        if result.error:
+            return format_html(
+                '<a href="{}">{}</a>: <span class="kd-bad" title="{}">failed: {}</span>',
+                url,
+                when,
+                result.error,
+                Truncator(result.error).chars(80),
+            )
+        return format_html(
+            '<a href="{}">{}</a>: <span class="kd-good">ok</span>, {} offer(s) seen',
+            url,
+            when,
+            result.offers_seen,
+        )
+
+    @admin.action(description="Refresh the selected providers now")
+    def refresh_selected(self, request: HttpRequest, queryset) -> None:
+        from providers.refresh import refresh_providers
+
+        for provider in queryset.order_by("slug"):
+            run = refresh_providers(trigger=RefreshRun.Trigger.ADMIN, provider_slug=provider.slug)
+            report_run(self, request, run)
 
     @admin.display(description="keys", ordering="key_total")
     def key_count(self, provider: Provider) -> int:
@@ -177,6 +247,13 @@ class ProviderAdmin(AddFormMixin, admin.ModelAdmin):
         if change:
             super().save_model(request, obj, form, change)
             return
+        background.refresh_soon(obj)
+        self.message_user(
+            request,
+            f"The first refresh of {obj.slug} (catalog, prices, balances) runs now in the "
+            "background: its result shows under 'last refresh' in a few seconds. Add an "
+            "upstream key next if the provider's catalog needs one.",
+        )
         seeded = obj.offers.count()
         if seeded:
             self.message_user(
@@ -192,6 +269,29 @@ class ProviderAdmin(AddFormMixin, admin.ModelAdmin):
             usd_per_unit(obj.currency)
         except UnknownCurrency as exc:
             self.message_user(request, str(exc), messages.WARNING)
+
+
+def report_run(model_admin: admin.ModelAdmin, request: HttpRequest, run: RefreshRun) -> None:
+    """A refresh run's summary, then each provider's error, as admin messages."""
+    results = list(run.results.all())
+    level = messages.WARNING if any(r.unpriced_models for r in results) else messages.SUCCESS
+    model_admin.message_user(request, run.summary(), level)
+    for result in results:
+        if result.error:
+            model_admin.message_user(
+                request, f"{result.provider_slug}: {result.error}", messages.ERROR
+            )
+
+
+class ProviderChangeList(ChangeList):
+    """Loads the last refresh result of every provider on the page in one query."""
+
+    def get_results(self, request: HttpRequest) -> None:
+        super().get_results(request)
+        ids = [p.last_refresh_id for p in self.result_list if p.last_refresh_id]
+        results = RefreshResult.objects.select_related("run").in_bulk(ids)
+        for provider in self.result_list:
+            provider.page_refresh = results.get(provider.last_refresh_id)
 
 
 # Upstream keys
@@ -287,22 +387,17 @@ class UpstreamKeyAdmin(AddFormMixin, EnableActionsMixin, admin.ModelAdmin):
 
     add_form = UpstreamKeyAddForm
     form = UpstreamKeyChangeForm
+    change_form_template = "admin/providers/upstreamkey/change_form.html"
     inlines = [BalanceReadingInline]
     list_display = (
         "__str__",
-        "provider",
-        "label",
         "secret_masked",
         "enabled",
+        "health_status",
         "balance_with_currency",
         "last_drift",
-        "balance_source",
         "multiplier",
-        "health_status",
-        "cooling_until",
         "short_last_error",
-        "last_error_when",
-        "last_error_at",
     )
     list_display_links = ("__str__",)
     list_filter = ("provider", "health", "enabled", "balance_source")
@@ -337,7 +432,11 @@ class UpstreamKeyAdmin(AddFormMixin, EnableActionsMixin, admin.ModelAdmin):
     def balance_with_currency(self, key: UpstreamKey) -> str:
         if key.balance is None:
             return "unknown"
-        return exact_amount(key.balance, key.provider.currency)
+        return format_html(
+            '<span title="{}">{}</span>',
+            exact_amount(key.balance, key.provider.currency),
+            short_amount(key.balance, key.provider.currency),
+        )
 
     @admin.display(description="last drift")
     def last_drift(self, key: UpstreamKey) -> str:
@@ -353,21 +452,40 @@ class UpstreamKeyAdmin(AddFormMixin, EnableActionsMixin, admin.ModelAdmin):
 
     @admin.display(description="health", ordering="health")
     def health_status(self, key: UpstreamKey) -> str:
-        return health_badge(key)
-
-    @admin.display(description="last error")
-    def short_last_error(self, key: UpstreamKey) -> str:
-        return Truncator(key.last_error).chars(60)
-
-    @admin.display(description="error seen", ordering="last_error_at")
-    def last_error_when(self, key: UpstreamKey) -> str:
-        return relative_time(key.last_error_at)
-
-    @admin.display(description="cooling until", ordering="cooldown_until")
-    def cooling_until(self, key: UpstreamKey) -> str:
+        badge = health_badge(key)
         if key.cooldown_until is None or key.cooldown_until <= timezone.now():
+            return badge
+        return format_html("{} until {}", badge, relative_time(key.cooldown_until))
+
+    @admin.display(description="last error", ordering="last_error_at")
+    def short_last_error(self, key: UpstreamKey) -> str:
+        if not key.last_error:
             return "-"
-        return relative_time(key.cooldown_until)
+        return format_html(
+            '<span title="{}">{}</span> ({})',
+            key.last_error,
+            Truncator(key.last_error).chars(70),
+            relative_time(key.last_error_at),
+        )
+
+    def get_urls(self):
+        check = path(
+            "<path:object_id>/check/",
+            self.admin_site.admin_view(require_POST(self.check_view)),
+            name="providers_upstreamkey_check",
+        )
+        return [check, *super().get_urls()]
+
+    def check_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """ "Check this key now": the provider's key check (a passing key serves again, whatever
+        marked it invalid or exhausted), then its balance."""
+        key = self.get_object(request, object_id)
+        if key is None or not self.has_change_permission(request, key):
+            raise PermissionDenied
+        keys = UpstreamKey.objects.filter(pk=key.pk)
+        self.validate_keys(request, keys)
+        self.refresh_balances(request, keys)
+        return HttpResponseRedirect(reverse("admin:providers_upstreamkey_change", args=[key.pk]))
 
     def get_fields(self, request: HttpRequest, obj=None):
         return (
@@ -383,8 +501,15 @@ class UpstreamKeyAdmin(AddFormMixin, EnableActionsMixin, admin.ModelAdmin):
         )
 
     def save_model(self, request: HttpRequest, obj: UpstreamKey, form, change: bool) -> None:
-        if not change:
-            return  # UpstreamKeyAddForm.save() created it
+        if not change:  # UpstreamKeyAddForm.save() created it
+            background.refresh_soon(obj.provider, check=obj)
+            self.message_user(
+                request,
+                f"Checking the key with {obj.provider.name} and refreshing {obj.provider.slug}'s "
+                "catalog, prices and balances in the background: the key's health and balance "
+                "show here in a few seconds.",
+            )
+            return
         if form.cleaned_data.get("secret"):
             services.replace_upstream_secret(key=obj, secret=form.cleaned_data["secret"])
         super().save_model(request, obj, form, change)
@@ -458,6 +583,21 @@ class OfferChangeList(ChangeList):
             offer.page_rates = rates
 
 
+class PricedFilter(admin.SimpleListFilter):
+    title = "price"
+    parameter_name = "priced"
+
+    def lookups(self, request: HttpRequest, model_admin):
+        return [("yes", "priced"), ("no", "no price (not served)")]
+
+    def queryset(self, request: HttpRequest, queryset):
+        if self.value() == "no":
+            return queryset.filter(UNPRICED)
+        if self.value() == "yes":
+            return queryset.exclude(UNPRICED)
+        return queryset
+
+
 class ModelOfferForm(forms.ModelForm):
     class Meta:
         model = ModelOffer
@@ -496,21 +636,18 @@ class ModelOfferAdmin(admin.ModelAdmin):
     form = ModelOfferForm
     change_list_template = "admin/providers/modeloffer/change_list.html"
     list_display = (
-        "canonical_id",
-        "provider",
         "upstream_model_id",
+        "model_link",
+        "provider",
         "identity",
-        "kind",
         "input_price",
         "output_price",
         "cached_input_price",
         "usd_price",
         "price_source",
         "active",
-        "context_length",
-        "compare_link",
     )
-    list_filter = ("provider", "active", "kind", "price_source", "identity_rule")
+    list_filter = ("provider", "active", PricedFilter, "kind", "price_source", "identity_rule")
     list_select_related = ("provider",)
     search_fields = ("canonical_id", "upstream_model_id", "display_name")
     readonly_fields = (
@@ -586,10 +723,10 @@ class ModelOfferAdmin(admin.ModelAdmin):
         rates = getattr(offer, "page_rates", None) or load_rates()
         return usd_pair(offer, rates)
 
-    @admin.display(description="compare")
-    def compare_link(self, offer: ModelOffer) -> str:
+    @admin.display(description="canonical model (all providers)", ordering="canonical_id")
+    def model_link(self, offer: ModelOffer) -> str:
         url = reverse("admin:model", args=[offer.canonical_id])
-        return format_html('<a href="{}">all providers</a>', url)
+        return format_html('<a href="{}">{}</a>', url, offer.canonical_id)
 
     def get_urls(self):
         return [
@@ -607,12 +744,7 @@ class ModelOfferAdmin(admin.ModelAdmin):
         from providers.refresh import refresh_providers
 
         run = refresh_providers(trigger=RefreshRun.Trigger.ADMIN)
-        self.message_user(request, run.summary(), messages.SUCCESS)
-        for result in run.results.all():
-            if result.error:
-                self.message_user(
-                    request, f"{result.provider_slug}: {result.error}", messages.ERROR
-                )
+        report_run(self, request, run)
         return HttpResponseRedirect(reverse("admin:providers_modeloffer_changelist"))
 
     def save_model(self, request: HttpRequest, obj: ModelOffer, form, change: bool) -> None:

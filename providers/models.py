@@ -415,6 +415,18 @@ class UpstreamKey(models.Model):
         )
 
 
+UNPRICED = models.Q(input_price_per_mtok__isnull=True) | models.Q(
+    output_price_per_mtok__isnull=True
+)
+"""An offer without an input or an output price: routing cannot cost it, so it does not serve."""
+
+
+class ModelOfferQuerySet(models.QuerySet):
+    def unpriced(self) -> ModelOfferQuerySet:
+        """Active offers that do not serve for want of a price."""
+        return self.filter(UNPRICED, active=True)
+
+
 class ModelOffer(models.Model):
     class Kind(models.TextChoices):
         CHAT = "chat", "Chat"
@@ -454,6 +466,8 @@ class ModelOffer(models.Model):
     active = models.BooleanField(default=True)
     first_seen_at = models.DateTimeField(default=timezone.now)
     last_refreshed_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ModelOfferQuerySet.as_manager()
 
     class Meta:
         constraints = [
@@ -592,7 +606,11 @@ class RefreshRun(models.Model):
             f"{sum(r.updated for r in results)} updated, "
             f"{sum(r.deactivated for r in results)} deactivated, "
             f"{sum(r.balances_updated for r in results)} balance(s) read."
+            + "".join(f" {r.unpriced_note()}" for r in results if r.unpriced_models)
         )
+
+
+UNPRICED_NAMED = 5
 
 
 class RefreshResult(models.Model):
@@ -608,12 +626,27 @@ class RefreshResult(models.Model):
     balances_updated = models.PositiveIntegerField(default=0)
     duration_ms = models.PositiveIntegerField(default=0)
     error = models.TextField(blank=True)
+    unpriced_models = models.JSONField(
+        default=list, blank=True, help_text="Active offers without a price: they do not serve."
+    )
 
     class Meta:
         ordering = ["provider_slug"]
 
     def __str__(self) -> str:
         return self.provider_slug
+
+    def unpriced_note(self) -> str:
+        """Which offers do not serve for want of a price, and the fix."""
+        names = ", ".join(self.unpriced_models[:UNPRICED_NAMED])
+        more = len(self.unpriced_models) - UNPRICED_NAMED
+        if more > 0:
+            names += f" and {more} more"
+        return (
+            f"{self.provider_slug}: {len(self.unpriced_models)} offer(s) have no price and do not "
+            f"serve ({names}): set a price under Model offers or with manage.py set_price "
+            "(0 for a free local model)."
+        )
 
 
 class BalanceReading(models.Model):

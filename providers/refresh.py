@@ -284,6 +284,11 @@ def _apply(
         result.added, result.updated = changes.added, changes.updated
         result.deactivated, result.balances_updated = changes.deactivated, balances_updated
     result.error = "; ".join(errors)
+    result.unpriced_models = list(
+        provider.offers.unpriced()
+        .order_by("upstream_model_id")
+        .values_list("upstream_model_id", flat=True)
+    )
     result.duration_ms = fetched.duration_ms + _elapsed_ms(started)
     result.save()
     return result
@@ -472,12 +477,14 @@ def describe(result: RefreshResult) -> str:
     )
     if result.error:
         return f"{result.provider_slug}: FAILED ({counts}): {result.error}"
+    if result.unpriced_models:
+        return f"{result.provider_slug}: {counts}. WARNING {result.unpriced_note()}"
     return f"{result.provider_slug}: {counts}"
 
 
 def _log(result: RefreshResult) -> None:
     """The log line (a JSON object with KEYAOS_LOG_FORMAT=json) and the refresh metrics."""
-    level = logging.WARNING if result.error else logging.INFO
+    level = logging.WARNING if result.error or result.unpriced_models else logging.INFO
     data = {
         "event": "refresh",
         "provider": result.provider_slug,
@@ -489,6 +496,7 @@ def _log(result: RefreshResult) -> None:
         "balances_updated": result.balances_updated,
         "duration_ms": result.duration_ms,
         "error": result.error,
+        "unpriced_models": result.unpriced_models,
     }
     logger.log(level, "refresh %s", describe(result), extra={"data": data})
     metrics.observe_refresh(

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
+import time
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -19,8 +21,10 @@ from django.utils import timezone
 
 from billing.models import CurrencyRate, LedgerEntry
 from billing.selectors import day_start
+from providers import background
 from providers.models import PriceHistory, RefreshResult, RefreshRun, UpstreamKey
 from tests.factories import make_key, make_offer, make_provider
+from tests.fake_upstream import chat_completion, openrouter_model, serve_openrouter
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -329,3 +333,82 @@ def test_the_dashboard_and_a_model_page_render_in_a_real_browser(
     if os.environ.get("KEYAOS_SCREENSHOTS_DIR"):
         for name in ("dashboard-light.png", "dashboard-dark.png", "model-page.png"):
             shutil.copy(tmp_path / name, Path(os.environ["KEYAOS_SCREENSHOTS_DIR"]) / name)
+
+
+# The admin-only quick start: on a fresh database, add a provider from its preset, add its key,
+# create a client key, and the first request through the openai SDK is answered, with no command
+# run and no button clicked beyond those three forms.
+
+SECRET = "sk-or-v1-quick-start-0000000000000000"
+
+
+def submit(driver) -> None:
+    driver.find_element(By.CSS_SELECTOR, "input[name=_save]").click()
+
+
+def messages(driver) -> str:
+    return " ".join(e.text for e in driver.find_elements(By.CSS_SELECTOR, "ul.messagelist li"))
+
+
+def test_an_operator_reaches_a_working_request_from_the_admin_alone(
+    admin_server, browser, operator, fake_upstream, gateway
+):
+    openai = pytest.importorskip("openai")
+    serve_openrouter(fake_upstream, openrouter_model(MODEL))
+    fake_upstream.reply("GET", "/openrouter/key", json_body={"data": {"label": "quick"}})
+    fake_upstream.reply(
+        "GET",
+        "/openrouter/credits",
+        json_body={"data": {"total_credits": 10, "total_usage": 1.5}},
+    )
+    fake_upstream.reply("POST", "/openrouter/chat/completions", json_body=chat_completion(MODEL))
+
+    browser.get(admin_server + "/admin/login/?next=/admin/")
+    browser.find_element(By.NAME, "username").send_keys("operator")
+    browser.find_element(By.NAME, "password").send_keys(PASSWORD)
+    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+
+    # 1. A provider from its preset (the URL points at the fake instead of openrouter.ai).
+    browser.get(admin_server + "/admin/providers/provider/add/?preset=openrouter")
+    base_url = browser.find_element(By.NAME, "base_url")
+    base_url.clear()
+    base_url.send_keys(fake_upstream.url("openrouter"))
+    submit(browser)
+    assert "first refresh of openrouter" in messages(browser)
+
+    # 2. Its key.
+    browser.get(admin_server + "/admin/providers/upstreamkey/add/")
+    browser.find_element(By.CSS_SELECTOR, "select[name=provider] option:nth-child(2)").click()
+    browser.find_element(By.NAME, "secret").send_keys(SECRET)
+    submit(browser)
+    assert "Checking the key" in messages(browser)
+
+    # 3. A client key, shown once.
+    browser.get(admin_server + "/admin/billing/apikey/add/")
+    browser.find_element(By.NAME, "name").send_keys("laptop")
+    submit(browser)
+    plain = re.search(r"sk-keyaos-\S+", messages(browser)).group(0)
+
+    # The operator copies the key; the background work has had a moment (tests wait for it).
+    background.wait()
+    deadline = time.monotonic() + 10
+    client = openai.OpenAI(base_url=gateway.url, api_key=plain, max_retries=0)
+    while True:
+        try:
+            answer = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Hi"}]
+            )
+            break
+        except openai.NotFoundError:
+            # The gateway reads the new offers at its next snapshot poll (0.1 s in tests).
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    assert answer.choices[0].message.content == "Hello!"
+    assert fake_upstream.received("/openrouter/chat/completions")[0].bearer == SECRET
+
+    browser.get(admin_server + "/admin/providers/provider/")
+    assert "ok, 1 offer(s) seen" in browser.find_element(By.ID, "result_list").text
+    browser.get(admin_server + "/admin/providers/upstreamkey/")
+    row = browser.find_element(By.ID, "result_list").text
+    assert "OK" in row and "8.50 USD" in row  # 10 - 1.5 credits, less the request

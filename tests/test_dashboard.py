@@ -276,7 +276,7 @@ class TestCharts:
         svgs = re.findall(r"<svg class=\"kc-chart\"[^>]*>\s*<title[^>]*>([^<]+)</title>", html)
         assert svgs == [
             "Spend per day by provider, last 30 days (USD)",
-            "Requests and tokens per model, last 30 days (top 10 by requests)",
+            "Requests and spend per served model, last 30 days (top 10 by requests)",
             "Upstream key balances and expected runway at the 7-day burn rate",
         ]
         assert html.count('role="img" aria-label=') == 3
@@ -291,10 +291,10 @@ class TestCharts:
         assert [today, "$1.25", "$0.50", "$1.75"] in spend.rows
         assert "<title>deepseek " + today + ": $0.50</title>" in str(spend.svg)
 
-    def test_the_model_chart_counts_requests_and_tokens(self, admin_client, usage):
+    def test_the_model_chart_counts_requests_and_spend(self, admin_client, usage):
         models = admin_client.get(reverse("admin:index")).context["charts"][1]
 
-        assert models.rows == [[DEEPSEEK, "12", "12M"], [GPT, "2", "4M"]]
+        assert models.rows == [[DEEPSEEK, "12", "$1.50"], [GPT, "2", "$3.25"]]
 
     def test_the_balance_chart_shows_each_keys_balance_and_runway(self, admin_client, usage):
         balances = admin_client.get(reverse("admin:index")).context["charts"][2]

@@ -1,8 +1,11 @@
-"""The figures of the admin index: spend, requests, errors, savings and keys needing attention.
+"""The figures of the admin index: spend, requests, errors, savings, latency and what needs
+attention.
 
-Each figure is aggregated by the database in a few grouped queries (by day, provider and model),
-so the page costs the same handful of queries with ten ledger rows or ten million. Days whose
-ledger rows were pruned count through their ``DailyUsage`` totals, which hold pruned rows only.
+Usage is aggregated by the database in two grouped queries (ledger rows and daily rollups, by day,
+provider, model, client key and upstream key), so the page costs the same handful of queries with
+ten ledger rows or ten million. Days whose ledger rows were pruned count through their
+``DailyUsage`` totals, which hold pruned rows only. Latency comes from a bounded sample of the
+latest answered requests.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
+from django.urls import reverse
 from django.utils import timezone
 
 from billing.costs import MILLION
 from billing.currency import UnknownCurrency, load_rates, to_usd
+from billing.models import ApiKey, LedgerEntry
 from billing.selectors import usage
 from providers.models import ModelOffer, RefreshResult, RefreshRun, UpstreamKey, unusable_reason
 
@@ -25,7 +30,12 @@ WINDOWS = (("Today", 1), ("Last 7 days", 7), ("Last 30 days", 30))
 CHART_DAYS = 30
 BURN_DAYS = 7
 RUNWAY_WARNING_DAYS = Decimal(3)
+RUNWAY_MAX_DAYS = 365
 NO_PROVIDER = "(no provider)"
+TOP_KEYS = 8
+LATENCY_HOURS = 24
+LATENCY_SAMPLE = 5000
+UNPRICED_LISTED = 20
 
 
 def low_balance_usd() -> Decimal:
@@ -35,13 +45,16 @@ def low_balance_usd() -> Decimal:
 
 @dataclass(frozen=True)
 class UsageGroup:
-    """Totals of one (day, provider, requested model): a ledger group or a daily rollup."""
+    """Totals of one (day, provider, requested model, client key, upstream key)."""
 
     day: date
     provider: str
     model: str
+    api_key_id: int | None
+    upstream_key_id: int | None
     requests: int
     errors: int
+    client_errors: int
     prompt_tokens: int
     completion_tokens: int
     cost_usd: Decimal
@@ -54,29 +67,46 @@ class UsageGroup:
 
 def usage_groups(since: date) -> list[UsageGroup]:
     """Usage from ``since`` on, grouped by day, provider and model."""
-    grouped = usage(since=since, group_by=("day", "provider__slug", "requested_model"))
+    grouped = usage(
+        since=since,
+        group_by=("day", "provider__slug", "requested_model", "api_key", "upstream_key"),
+    )
     return [
         UsageGroup(
             day=day,
             provider=provider or NO_PROVIDER,
             model=model,
+            api_key_id=api_key_id,
+            upstream_key_id=upstream_key_id,
             requests=totals.requests,
             errors=totals.errors,
+            client_errors=totals.client_errors,
             prompt_tokens=totals.prompt_tokens,
             completion_tokens=totals.completion_tokens,
             cost_usd=totals.cost_usd,
             list_cost_usd=totals.list_cost_usd,
         )
-        for (day, provider, model), totals in grouped.items()
+        for (day, provider, model, api_key_id, upstream_key_id), totals in grouped.items()
     ]
 
 
 @dataclass(frozen=True)
 class OfferPrices:
-    """Active offers' USD prices per 1M tokens, by canonical id and by native id."""
+    """Active offers' USD prices per 1M tokens by canonical id; every offer's native id (per
+    provider and overall) to its canonical id; and the active offers without a price."""
 
     by_model: dict[str, list[tuple[Decimal, Decimal]]]
     native: dict[str, str]
+    canonical_ids: set[str] = field(default_factory=set)
+    native_by_provider: dict[tuple[str, str], str] = field(default_factory=dict)
+    unpriced: dict[str, list[str]] = field(default_factory=dict)
+
+    def canonical(self, model: str, provider: str | None = None) -> str | None:
+        """The canonical model a requested id was served as; None when no offer knows it."""
+        if model in self.canonical_ids:
+            return model
+        native = model.strip().lower()
+        return self.native_by_provider.get((provider or "", native)) or self.native.get(native)
 
     def most_expensive_cost_usd(self, model: str, prompt: int, completion: int) -> Decimal | None:
         prices = self.by_model.get(model) or self.by_model.get(
@@ -88,28 +118,34 @@ class OfferPrices:
 
 
 def active_offer_prices(rates: dict[str, Decimal]) -> OfferPrices:
-    rows = ModelOffer.objects.filter(
-        active=True,
-        input_price_per_mtok__isnull=False,
-        output_price_per_mtok__isnull=False,
-    ).values_list(
+    rows = ModelOffer.objects.values_list(
         "canonical_id",
         "upstream_model_id",
         "input_price_per_mtok",
         "output_price_per_mtok",
         "provider__currency",
-    )
+        "provider__slug",
+        "active",
+    ).order_by("provider__slug", "upstream_model_id")
+    prices = OfferPrices({}, {})
     by_model: dict[str, list[tuple[Decimal, Decimal]]] = defaultdict(list)
-    native: dict[str, str] = {}
-    for canonical, upstream, price_in, price_out, currency in rows:
+    for canonical, upstream, price_in, price_out, currency, slug, active in rows:
+        prices.canonical_ids.add(canonical)
+        prices.native_by_provider[(slug, upstream.lower())] = canonical
+        prices.native.setdefault(upstream.lower(), canonical)
+        if not active:
+            continue
+        if price_in is None or price_out is None:
+            prices.unpriced.setdefault(slug, []).append(upstream)
+            continue
         try:
             by_model[canonical].append(
                 (to_usd(price_in, currency, rates), to_usd(price_out, currency, rates))
             )
         except UnknownCurrency:
             continue
-        native.setdefault(upstream.lower(), canonical)
-    return OfferPrices(dict(by_model), native)
+    prices.by_model.update(by_model)
+    return prices
 
 
 @dataclass
@@ -120,15 +156,24 @@ class Window:
     list_usd: Decimal = Decimal(0)
     requests: int = 0
     errors: int = 0
+    client_errors: int = 0
     max_offer_usd: Decimal = Decimal(0)
     max_offer_cost_usd: Decimal = Decimal(0)
     unpriced_models: set[str] = field(default_factory=set)
 
     @property
-    def error_rate(self) -> Decimal | None:
+    def upstream_error_rate(self) -> Decimal | None:
+        """Requests that failed for the upstreams' reasons, in percent."""
         if not self.requests:
             return None
-        return Decimal(self.errors * 100) / self.requests
+        return Decimal((self.errors - self.client_errors) * 100) / self.requests
+
+    @property
+    def client_error_rate(self) -> Decimal | None:
+        """Requests refused for the client's reasons (bad input, limits) or left, in percent."""
+        if not self.requests:
+            return None
+        return Decimal(self.client_errors * 100) / self.requests
 
     @property
     def savings_vs_list_usd(self) -> Decimal:
@@ -153,6 +198,7 @@ def windows(groups: Iterable[UsageGroup], today: date, prices: OfferPrices) -> l
             window.list_usd += group.list_cost_usd
             window.requests += group.requests
             window.errors += group.errors
+            window.client_errors += group.client_errors
             totals = per_model[group.model]
             totals[0] += group.prompt_tokens
             totals[1] += group.completion_tokens
@@ -187,16 +233,104 @@ class ModelUsage:
     cost_usd: Decimal
 
 
-def usage_by_model(groups: Iterable[UsageGroup], since: date, limit: int = 10) -> list[ModelUsage]:
+def usage_by_model(
+    groups: Iterable[UsageGroup], since: date, prices: OfferPrices, limit: int = 10
+) -> list[ModelUsage]:
+    """Requests served per canonical model: ``deepseek-chat`` and ``deepseek/deepseek-chat`` are
+    one model, and a request no provider served (``gpt-99``) is none."""
     totals: dict[str, list] = defaultdict(lambda: [0, 0, Decimal(0)])
     for group in groups:
-        if group.day >= since:
-            row = totals[group.model]
-            row[0] += group.requests
-            row[1] += group.tokens
-            row[2] += group.cost_usd
+        if group.day < since or group.provider == NO_PROVIDER:
+            continue
+        model = prices.canonical(group.model, group.provider) or group.model
+        row = totals[model]
+        row[0] += group.requests
+        row[1] += group.tokens
+        row[2] += group.cost_usd
     ranked = sorted(totals.items(), key=lambda item: (-item[1][0], -item[1][1], item[0]))
     return [ModelUsage(model, *values) for model, values in ranked[:limit]]
+
+
+@dataclass(frozen=True)
+class KeySpend:
+    """A client or upstream key's 30 days: its name, page and what went through it."""
+
+    name: str
+    url: str
+    requests: int
+    cost_usd: Decimal
+
+
+def top_keys(groups: Iterable[UsageGroup], field_name: str) -> list[tuple[int, int, Decimal]]:
+    """The ``TOP_KEYS`` keys (``api_key_id`` or ``upstream_key_id``) that spent most: id,
+    requests, cost in USD."""
+    totals: dict[int, list] = defaultdict(lambda: [0, Decimal(0)])
+    for group in groups:
+        key_id = getattr(group, field_name)
+        if key_id is not None:
+            totals[key_id][0] += group.requests
+            totals[key_id][1] += group.cost_usd
+    ranked = sorted(totals.items(), key=lambda item: (-item[1][1], -item[1][0], item[0]))
+    return [(key_id, requests, cost) for key_id, (requests, cost) in ranked[:TOP_KEYS]]
+
+
+def key_spend(
+    ranked: list[tuple[int, int, Decimal]], names: dict[int, tuple[str, str]]
+) -> list[KeySpend]:
+    return [
+        KeySpend(*names.get(key_id, (f"deleted key #{key_id}", "")), requests, cost)
+        for key_id, requests, cost in ranked
+    ]
+
+
+@dataclass(frozen=True)
+class Latency:
+    provider: str
+    requests: int
+    latency_p50_ms: int
+    latency_p95_ms: int
+    ttfb_p50_ms: int | None
+    ttfb_p95_ms: int | None
+
+
+def percentile(values: list[int], share: float) -> int:
+    """Nearest-rank percentile of sorted ``values``."""
+    rank = max(1, round(share * len(values) + 0.5 - 1e-9))
+    return values[min(rank, len(values)) - 1]
+
+
+def latency_by_provider(now: datetime) -> list[Latency]:
+    """p50/p95 latency and time to first byte per provider over the latest answered requests of
+    the last day (at most ``LATENCY_SAMPLE`` rows: one bounded query)."""
+    rows = (
+        LedgerEntry.objects.filter(
+            created_at__gte=now - timedelta(hours=LATENCY_HOURS),
+            outcome=LedgerEntry.Outcome.OK,
+            provider__isnull=False,
+        )
+        .order_by("-created_at")
+        .values_list("provider__slug", "latency_ms", "ttfb_ms")[:LATENCY_SAMPLE]
+    )
+    latency: dict[str, list[int]] = defaultdict(list)
+    ttfb: dict[str, list[int]] = defaultdict(list)
+    for slug, latency_ms, ttfb_ms in rows:
+        latency[slug].append(latency_ms)
+        if ttfb_ms is not None:
+            ttfb[slug].append(ttfb_ms)
+    result = []
+    for slug in sorted(latency):
+        total, first = sorted(latency[slug]), sorted(ttfb[slug])
+        result.append(
+            Latency(
+                provider=slug,
+                requests=len(total),
+                latency_p50_ms=percentile(total, 0.5),
+                latency_p95_ms=percentile(total, 0.95),
+                ttfb_p50_ms=percentile(first, 0.5) if first else None,
+                ttfb_p95_ms=percentile(first, 0.95) if first else None,
+            )
+        )
+    return result
 
 
 @dataclass
@@ -219,23 +353,28 @@ class KeyStatus:
             return "no spend in 7 days" if self.balance_usd is not None else "balance unknown"
         if runway < 1:
             return f"≈ {runway * 24:.0f} hours"
+        if runway > RUNWAY_MAX_DAYS:
+            return "over a year"
         return f"≈ {runway:.1f} days" if runway < 10 else f"≈ {runway:,.0f} days"
 
 
-def key_statuses(now: datetime, today: date, rates: dict[str, Decimal]) -> list[KeyStatus]:
+def key_statuses(
+    keys: list[UpstreamKey],
+    groups: Iterable[UsageGroup],
+    now: datetime,
+    today: date,
+    rates: dict[str, Decimal],
+) -> list[KeyStatus]:
     """Every enabled key with its balance in USD, 7-day burn rate and what needs attention."""
     since = today - timedelta(days=BURN_DAYS - 1)
-    burn = {
-        key_id: totals.list_cost_usd
-        for (key_id,), totals in usage(
-            since=since, group_by=("upstream_key",), upstream_key__isnull=False
-        ).items()
-    }
-    keys = UpstreamKey.objects.filter(enabled=True, provider__enabled=True).select_related(
-        "provider"
-    )
+    burn: dict[int, Decimal] = defaultdict(Decimal)
+    for group in groups:
+        if group.day >= since and group.upstream_key_id is not None:
+            burn[group.upstream_key_id] += group.list_cost_usd
     statuses = []
     for key in keys:
+        if not (key.enabled and key.provider.enabled):
+            continue
         try:
             balance_usd = (
                 None if key.balance is None else to_usd(key.balance, key.provider.currency, rates)
@@ -291,6 +430,10 @@ class Dashboard:
     keys: list[KeyStatus]
     refresh: LastRefresh | None
     rates: dict[str, Decimal]
+    client_key_spend: list[KeySpend] = field(default_factory=list)
+    upstream_key_spend: list[KeySpend] = field(default_factory=list)
+    latency: list[Latency] = field(default_factory=list)
+    unpriced: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def keys_needing_attention(self) -> list[KeyStatus]:
@@ -308,13 +451,27 @@ def build_dashboard(now: datetime | None = None) -> Dashboard:
     rates = load_rates()
     groups = usage_groups(days[0])
     prices = active_offer_prices(rates)
+    keys = list(UpstreamKey.objects.select_related("provider"))
+    upstream_names = {
+        key.pk: (str(key), reverse("admin:providers_upstreamkey_change", args=[key.pk]))
+        for key in keys
+    }
+    top_clients = top_keys(groups, "api_key_id")
+    client_names = {
+        key.pk: (key.name, reverse("admin:billing_apikey_change", args=[key.pk]))
+        for key in ApiKey.objects.filter(pk__in=[key_id for key_id, _, _ in top_clients])
+    }
     return Dashboard(
         now=now,
         windows=windows(groups, today, prices),
         days=days,
         spend_series=spend_by_provider(groups, days),
-        models=usage_by_model(groups, days[0]),
-        keys=key_statuses(now, today, rates),
+        models=usage_by_model(groups, days[0], prices),
+        keys=key_statuses(keys, groups, now, today, rates),
         refresh=last_refresh(),
         rates=rates,
+        client_key_spend=key_spend(top_clients, client_names),
+        upstream_key_spend=key_spend(top_keys(groups, "upstream_key_id"), upstream_names),
+        latency=latency_by_provider(now),
+        unpriced={slug: ids[:UNPRICED_LISTED] for slug, ids in prices.unpriced.items()},
     )

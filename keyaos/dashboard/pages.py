@@ -13,12 +13,18 @@ from keyaos.dashboard.charts import (
     BarRow,
     Chart,
     RunwayRow,
-    compact_number,
     horizontal_bar_chart,
     runway_chart,
     stacked_bar_chart,
 )
-from keyaos.dashboard.figures import Dashboard, build_dashboard, low_balance_usd
+from keyaos.dashboard.figures import (
+    LATENCY_HOURS,
+    LATENCY_SAMPLE,
+    Dashboard,
+    KeySpend,
+    build_dashboard,
+    low_balance_usd,
+)
 
 
 def spend_chart(dashboard: Dashboard) -> Chart:
@@ -33,11 +39,11 @@ def spend_chart(dashboard: Dashboard) -> Chart:
 
 def models_chart(dashboard: Dashboard) -> Chart:
     return horizontal_bar_chart(
-        title="Requests and tokens per model, last 30 days (top 10 by requests)",
-        rows=[BarRow(m.model, (m.requests, m.tokens)) for m in dashboard.models],
-        columns=["Requests", "Tokens"],
-        fmts=[lambda v: f"{v:,}", compact_number],
-        empty_text="No requests in the last 30 days.",
+        title="Requests and spend per served model, last 30 days (top 10 by requests)",
+        rows=[BarRow(m.model, (m.requests, m.cost_usd)) for m in dashboard.models],
+        columns=["Requests", "Spend (USD)"],
+        fmts=[lambda v: f"{v:,}", format_usd],
+        empty_text="No request was served in the last 30 days.",
     )
 
 
@@ -78,7 +84,8 @@ def index_context(request: HttpRequest) -> dict:
                 "spend": format_usd(window.spend_usd),
                 "list_savings": format_usd(window.savings_vs_list_usd),
                 "max_savings": format_usd(window.savings_vs_max_usd),
-                "error_rate": "-" if window.error_rate is None else f"{window.error_rate:.1f}%",
+                "upstream_errors": percent(window.upstream_error_rate),
+                "client_errors": percent(window.client_error_rate),
             }
             for window in dashboard.windows
         ],
@@ -92,4 +99,44 @@ def index_context(request: HttpRequest) -> dict:
             }
             for status in dashboard.keys_needing_attention
         ],
+        "unpriced": [
+            {
+                "provider": slug,
+                "models": models,
+                "url": reverse("admin:providers_modeloffer_changelist")
+                + f"?provider__slug={slug}&priced=no",
+            }
+            for slug, models in sorted(dashboard.unpriced.items())
+        ],
+        "client_key_spend": key_rows(dashboard.client_key_spend),
+        "upstream_key_spend": key_rows(dashboard.upstream_key_spend),
+        "latency": [
+            {
+                "provider": row.provider,
+                "requests": row.requests,
+                "latency": f"{row.latency_p50_ms:,} / {row.latency_p95_ms:,}",
+                "ttfb": "-"
+                if row.ttfb_p50_ms is None
+                else f"{row.ttfb_p50_ms:,} / {row.ttfb_p95_ms:,}",
+            }
+            for row in dashboard.latency
+        ],
+        "latency_hours": LATENCY_HOURS,
+        "latency_sample": LATENCY_SAMPLE,
     }
+
+
+def percent(value: Decimal | None) -> str:
+    return "-" if value is None else f"{value:.1f}%"
+
+
+def key_rows(rows: list[KeySpend]) -> list[dict]:
+    return [
+        {
+            "name": row.name,
+            "url": row.url,
+            "requests": row.requests,
+            "spend": format_usd(row.cost_usd),
+        }
+        for row in rows
+    ]

@@ -49,4 +49,8 @@ class Command(BaseCommand):
 
     def report(self, result: RefreshResult) -> None:
         line = describe(result)
-        self.stdout.write(self.style.ERROR(line) if result.error else line)
+        if result.error:
+            line = self.style.ERROR(line)
+        elif result.unpriced_models:
+            line = self.style.WARNING(line)
+        self.stdout.write(line)
