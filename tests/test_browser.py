@@ -44,6 +44,8 @@ webdriver = pytest.importorskip(
 )
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions  # noqa: E402
+from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
 
 MODEL = "deepseek/deepseek-chat"
 PASSWORD = "browser-test-password-1"
@@ -343,7 +345,13 @@ SECRET = "sk-or-v1-quick-start-0000000000000000"
 
 
 def submit(driver) -> None:
-    driver.find_element(By.CSS_SELECTOR, "input[name=_save]").click()
+    """Save the form and wait for the page it leads to (a message list, or the form's errors)."""
+    form = driver.find_element(By.CSS_SELECTOR, "input[name=_save]")
+    form.click()
+    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(form))
+    WebDriverWait(driver, 30).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "ul.messagelist li, .errornote")
+    )
 
 
 def messages(driver) -> str:
