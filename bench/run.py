@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from bench.routing import report as routing_report
 from keyaos.management.commands.serve import uvicorn_command
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -678,6 +679,8 @@ def report(result: dict) -> str:
         f"start-up {result['startup_s']:.2f} s, peak memory (VmHWM) {result['peak_memory_mb']} MB, "
         f"RSS at the end {result['rss_end_mb']} MB",
     ]
+    if result.get("routing"):
+        lines.append(routing_report(result["routing"]))
     if result.get("phases"):
         lines += [
             "",
@@ -734,6 +737,7 @@ def run(args: argparse.Namespace) -> dict:
     bench = prepare(args)
     try:
         _progress(f"bench: {bench.database}; {bench.placement.describe()}")
+        routing = measure_routing(bench)
         start_upstream(bench)
         seed(bench)
         startup_s = start_gateway(bench)
@@ -770,6 +774,7 @@ def run(args: argparse.Namespace) -> dict:
             "peak_memory_mb": peak_mb,
             "rss_end_mb": rss_mb,
             "phases": rows,
+            "routing": routing,
             "soak": soak_result,
             "ledger": check_ledger(bench),
             "targets": targets(rows, startup_s, peak_mb) if rows else None,
@@ -780,6 +785,28 @@ def run(args: argparse.Namespace) -> dict:
         return result
     finally:
         cleanup(bench)
+
+
+def measure_routing(bench: Bench) -> dict | None:
+    """The routing decision alone (``bench.routing``), in its own process before the load."""
+    if not bench.args.routing_decisions:
+        return None
+    _progress("bench: routing decisions, 5000 offers x 500 keys")
+    completed = subprocess.run(
+        [
+            sys.executable,
+            *("-m", "bench.routing", "--json", "--decisions", str(bench.args.routing_decisions)),
+        ],
+        cwd=BASE_DIR,
+        env=bench.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if completed.returncode != 0:
+        bench.notes.append(f"the routing measurement failed: {completed.stderr[-500:]}")
+        return None
+    return json.loads(completed.stdout)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -798,6 +825,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--database-name", default="keyaos_bench", help="PostgreSQL only")
     parser.add_argument("--output", type=Path, help="default: bench/results/latest.json")
     parser.add_argument("--keep", action="store_true", help="keep the state folder and database")
+    parser.add_argument(
+        "--routing-decisions",
+        type=int,
+        default=20_000,
+        help="routing decisions to time in process (bench.routing); 0 skips it",
+    )
     return parser.parse_args(argv)
 
 

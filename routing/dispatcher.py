@@ -30,6 +30,7 @@ from routing.sessions import SessionState
 from routing.snapshot import KeyInfo, OfferInfo, Snapshot
 
 ZERO = Decimal(0)
+OK = "ok"
 
 
 class ModelNotFound(Exception):
@@ -160,7 +161,7 @@ def resolve_model(snapshot: Snapshot, requested: str) -> str:
     raise ModelNotFound(requested)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Group:
     """Keys of one offer that cost the same for this request."""
 
@@ -171,6 +172,7 @@ class _Group:
     cost_usd: Decimal
     saving_usd: Decimal = ZERO
     cached_tokens: int = 0
+    skip_key_id: int = 0  # the session's key, ranked in a group of its own
 
 
 def rank_candidates(
@@ -202,13 +204,24 @@ def rank_candidates(
     groups.sort(key=lambda group: group.rank)
     candidates: list[Candidate] = []
     last_resort: list[tuple[float, Decimal, Candidate]] = []
+    cooldowns, marked = board.cooldowns, board.marked
     index = 0
     while index < len(groups) and (full or len(candidates) < limit):
         end = index + 1
         while end < len(groups) and groups[end].rank == groups[index].rank:
             end += 1
         for group, key in _rotation(groups, index, end):
-            reason = board.unusable_reason(key, now)
+            if key.id == group.skip_key_id:
+                continue
+            if (
+                key.health == OK
+                and key.id not in cooldowns
+                and key.id not in marked
+                and (key.balance is None or key.balance > 0)
+            ):
+                reason = None  # the common case, without building a reason
+            else:
+                reason = board.unusable_reason(key, now)
             held = reserved.get(key.id, ZERO)
             if reason is None and key.balance is not None and key.balance - held < group.list_cost:
                 if full:
@@ -335,14 +348,11 @@ def _groups(
             prompt_tokens * prices.input_per_mtok + output_tokens * prices.output_per_mtok
         ) / MILLION
         list_usd = list_cost * rate
-        sticky = _sticky_key(session, offer, now, key_groups)
+        sticky = _sticky_key(session, offer, now, snapshot)
+        skip = sticky.id if sticky is not None else 0
         for multiplier, keys in key_groups:
-            if sticky is not None and sticky.multiplier == multiplier:
-                keys = [key for key in keys if key.id != sticky.id]
-                if not keys:
-                    continue
             cost = list_usd * multiplier
-            groups.append(_Group((rank, cost), offer, keys, list_cost, cost))
+            groups.append(_Group((rank, cost), offer, keys, list_cost, cost, skip_key_id=skip))
         if sticky is not None:
             cached = min(session.prompt_tokens, prompt_tokens)
             saved = cached * (prices.input_per_mtok - prices.cached_input_per_mtok) / MILLION
@@ -354,10 +364,7 @@ def _groups(
 
 
 def _sticky_key(
-    session: SessionState | None,
-    offer: OfferInfo,
-    now: float,
-    key_groups: list[tuple[Decimal, list[KeyInfo]]],
+    session: SessionState | None, offer: OfferInfo, now: float, snapshot: Snapshot
 ) -> KeyInfo | None:
     """The key expected to hold this session's prompt cache for ``offer``, if any."""
     if (
@@ -368,11 +375,8 @@ def _sticky_key(
         or now - session.served_at > offer.provider.prompt_cache_ttl_s
     ):
         return None
-    for _, keys in key_groups:
-        for key in keys:
-            if key.id == session.key_id:
-                return key
-    return None
+    key = snapshot.key_by_id.get(session.key_id)
+    return key if key is not None and key.provider_id == offer.provider.id else None
 
 
 def _offer_exclusion(

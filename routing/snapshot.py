@@ -113,6 +113,10 @@ class Snapshot:
         return dict(names)
 
     @cached_property
+    def key_by_id(self) -> dict[int, KeyInfo]:
+        return {key.id: key for keys in self.keys.values() for key in keys}
+
+    @cached_property
     def key_groups(self) -> dict[int, list[tuple[Decimal, list[KeyInfo]]]]:
         """Provider id -> its keys grouped by multiplier, cheapest first: a request's cost is
         then computed once per (offer, multiplier), not once per key."""

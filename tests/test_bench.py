@@ -100,3 +100,13 @@ def test_a_profile_is_summarised_per_function_and_per_package():
     assert summary["self_percent"][0] == ["send (httpx/_client.py)", 75.0]
     assert ["handle (uvicorn/protocols/http/h11_impl.py)", 100.0] in summary["inclusive_percent"]
     assert dict(summary["package_self_percent"]) == {"httpx": 75.0, "keyaos: routing": 25.0}
+
+
+def test_the_routing_measurement_times_real_decisions():
+    from bench.routing import measure, report
+
+    result = measure(offers=200, keys=50, decisions=300)
+    assert (result["offers"], result["keys"], result["decisions"]) == (200, 50, 300)
+    assert result["with_candidates"] > 250
+    assert 0 < result["p50_us"] <= result["p99_us"]
+    assert "200 offers x 50 keys" in report(result)
