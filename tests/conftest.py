@@ -107,3 +107,19 @@ def gateway(_gateway_server, transactional_db):
 def served_world(gateway, fake_upstream) -> World:
     """The default world (tests/factories.py make_world), served by the gateway."""
     return make_world(fake_upstream, gateway)
+
+
+@pytest.fixture
+def openrouter(fake_upstream):
+    """OpenRouter added from its preset, at the fake upstream (tests/admin_client.py)."""
+    from tests.admin_client import admin_provider
+
+    return admin_provider(fake_upstream)
+
+
+@pytest.fixture
+def catalog(openrouter) -> dict[str, object]:
+    """One row of everything the admin lists (tests/admin_client.py)."""
+    from tests.admin_client import admin_catalog
+
+    return admin_catalog(openrouter)

@@ -7,6 +7,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from providers.models import ModelOffer, PriceHistory, Provider, UpstreamKey
+from tests.factories import make_offer
 
 pytestmark = pytest.mark.django_db
 
@@ -257,14 +258,7 @@ class TestSetPrice:
         assert offer.price_history.count() == 2
 
     def test_it_reactivates_a_catalog_offer_and_makes_its_price_manual(self, openrouter):
-        offer = ModelOffer.objects.create(
-            provider=openrouter,
-            upstream_model_id="openai/gpt-4o",
-            canonical_id="openai/gpt-4o",
-            input_price_per_mtok=Decimal("2.5"),
-            output_price_per_mtok=Decimal("10"),
-            active=False,
-        )
+        offer = make_offer(openrouter, "openai/gpt-4o", input="2.5", output="10", active=False)
 
         run("set_price", "openrouter", "openai/gpt-4o", "--input", "2", "--output", "8")
 

@@ -11,19 +11,12 @@ from django.urls import reverse
 
 from providers import services
 from providers.crypto import SecretDecryptionError
-from providers.models import Provider, UpstreamKey
+from providers.models import UpstreamKey
+from tests.admin_client import key_change_form
 
 pytestmark = pytest.mark.django_db
 
 SECRET = "sk-or-v1-fake-secretvalue0123456789XYZ9"
-
-
-@pytest.fixture
-def openrouter(fake_upstream) -> Provider:
-    provider = services.create_provider(slug="openrouter", preset="openrouter")
-    provider.base_url = fake_upstream.url("openrouter/api/v1")
-    provider.save()
-    return provider
 
 
 @pytest.fixture
@@ -78,18 +71,7 @@ def test_a_new_secret_entered_in_the_admin_replaces_the_old_one_and_resets_healt
     key.health, key.last_error = UpstreamKey.Health.INVALID, "HTTP 401"
     key.save()
     url = reverse("admin:providers_upstreamkey_change", args=[key.pk])
-    form = {
-        "provider": key.provider_id,
-        "label": "main",
-        "secret": "sk-or-v1-replacement-secret-0000",
-        "enabled": "on",
-        "multiplier": "1",
-        "balance": "",
-        "balance_source": "auto",
-        "health": "invalid",
-        "cooldown_until_0": "",
-        "cooldown_until_1": "",
-    }
+    form = key_change_form(key, secret="sk-or-v1-replacement-secret-0000", health="invalid")
 
     response = admin_client.post(url, form)
 
@@ -102,18 +84,7 @@ def test_a_new_secret_entered_in_the_admin_replaces_the_old_one_and_resets_healt
 
 def test_an_empty_secret_field_in_the_admin_keeps_the_stored_secret(key, admin_client):
     url = reverse("admin:providers_upstreamkey_change", args=[key.pk])
-    form = {
-        "provider": key.provider_id,
-        "label": "renamed",
-        "secret": "",
-        "enabled": "on",
-        "multiplier": "1",
-        "balance": "",
-        "balance_source": "auto",
-        "health": "ok",
-        "cooldown_until_0": "",
-        "cooldown_until_1": "",
-    }
+    form = key_change_form(key, label="renamed", secret="")
 
     response = admin_client.post(url, form)
 
