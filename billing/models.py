@@ -218,6 +218,11 @@ class LedgerEntry(models.Model):
     usd_per_unit = models.DecimalField(max_digits=20, decimal_places=10, default=Decimal("1"))
     cost_usd = models.DecimalField(**MONEY_DIGITS, default=Decimal("0"))
     list_cost_usd = models.DecimalField(**MONEY_DIGITS, default=Decimal("0"))
+    expected_cache_saving_usd = models.DecimalField(
+        **MONEY_DIGITS,
+        default=Decimal("0"),
+        help_text="What routing expected the prompt cache to save on this request (USD).",
+    )
     latency_ms = models.PositiveIntegerField(default=0)
     ttfb_ms = models.PositiveIntegerField(null=True, blank=True)
     overhead_ms = models.DecimalField(max_digits=10, decimal_places=3, null=True, blank=True)

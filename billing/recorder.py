@@ -70,6 +70,7 @@ class RequestRecord:
     ttfb_ms: int | None = None
     overhead_ms: float | None = None
     error: str = ""
+    expected_cache_saving_usd: Decimal = Decimal(0)
 
     def cost(self) -> Cost | None:
         if self.prices is None or (
@@ -207,6 +208,8 @@ def _ledger_row(record: RequestRecord, cost: Cost | None) -> dict[str, Any]:
         if record.overhead_ms is not None
         else None,
         "error": record.error,
+        # Decimal(): a record read back from JSON holds the figure as a string
+        "expected_cache_saving_usd": Decimal(record.expected_cache_saving_usd),
     }
     if record.prices is not None:
         row["currency"] = record.prices.currency

@@ -475,6 +475,7 @@ class Exchange:
         record.upstream_model = offer.upstream_model_id
         record.prices = offer.prices
         record.multiplier = candidate.key.multiplier
+        record.expected_cache_saving_usd = candidate.cache_saving_usd
         record.usd_per_unit = usd_per_unit(offer.prices.currency, self.runtime.snapshot.rates)
 
     def _estimated_usage(self, completion_chars: int) -> Usage:
