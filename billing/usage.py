@@ -54,6 +54,20 @@ def parse_usage(usage: Any) -> Usage | None:
     )
 
 
+def parse_anthropic_usage(usage: Any) -> Usage | None:
+    """Read Anthropic's ``usage``, whose ``input_tokens`` leaves out the cached parts."""
+    if not isinstance(usage, dict):
+        return None
+    cache_read = _int(usage.get("cache_read_input_tokens"))
+    cache_write = _int(usage.get("cache_creation_input_tokens"))
+    return Usage(
+        prompt_tokens=_int(usage.get("input_tokens")) + cache_read + cache_write,
+        completion_tokens=_int(usage.get("output_tokens")),
+        cached_tokens=cache_read,
+        source=REPORTED,
+    )
+
+
 def parse_usage_json(raw: bytes) -> Usage | None:
     """Parse the ``usage`` of a JSON body or SSE payload, keeping costs exact."""
     try:

@@ -408,11 +408,27 @@ class OpenAIListCatalog(CatalogAdapter):
         )
 
 
+class AnthropicCatalog(CatalogAdapter):
+    """Anthropic's ``GET /v1/models``: ids and display names, no prices (set by hand)."""
+
+    listings = (("models?limit=1000", CHAT),)
+
+    def parse_item(
+        self, item: dict, *, model_id: str, kind: str, provider: Provider
+    ) -> CatalogEntry:
+        return CatalogEntry(
+            upstream_model_id=model_id,
+            display_name=_text(item.get("display_name"), MAX_DISPLAY_NAME_LENGTH),
+            kind=kind,
+        )
+
+
 ADAPTERS: dict[str, CatalogAdapter] = {
     Provider.CatalogFormat.OPENROUTER: OpenRouterCatalog(),
     Provider.CatalogFormat.DEEPINFRA: DeepInfraCatalog(),
     Provider.CatalogFormat.ZENMUX: ZenMuxCatalog(),
     Provider.CatalogFormat.OPENAI: OpenAIListCatalog(),
+    Provider.CatalogFormat.ANTHROPIC: AnthropicCatalog(),
 }
 
 

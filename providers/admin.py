@@ -135,7 +135,18 @@ class ProviderAdmin(AddFormMixin, admin.ModelAdmin):
     actions = ["refresh_selected"]
     fieldsets = (
         (None, {"fields": ("name", "slug", "preset", "enabled", "created_at", "last_refresh")}),
-        ("Upstream", {"fields": ("base_url", "currency", "auth_style", "read_timeout_s")}),
+        (
+            "Upstream",
+            {
+                "fields": (
+                    "base_url",
+                    "currency",
+                    "auth_style",
+                    "read_timeout_s",
+                    "native_protocols",
+                )
+            },
+        ),
         (
             "Catalog, balance and key check",
             {

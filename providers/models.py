@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 from django.utils import timezone
@@ -43,10 +44,29 @@ class UpstreamEndpoint:
     def auth_headers(self, secret: str) -> dict[str, str]:
         if self.auth_style == API_KEY_HEADER:
             return {"x-api-key": secret}
+        if self.auth_style == ANTHROPIC_AUTH:
+            return {"x-api-key": secret, "anthropic-version": ANTHROPIC_VERSION}
         return {"Authorization": f"Bearer {secret}"}
 
 
 API_KEY_HEADER = "x-api-key"
+ANTHROPIC_AUTH = "anthropic"
+ANTHROPIC_VERSION = "2023-06-01"
+# Client protocols a provider may serve natively besides chat completions (``native_protocols``).
+NATIVE_PROTOCOLS = ("anthropic",)
+
+
+def validate_native_protocols(value: object) -> None:
+    """``{"anthropic": "https://api.deepseek.com/anthropic/v1"}``; "" stands for the base URL."""
+    if not isinstance(value, dict):
+        raise ValidationError('Native protocols must be an object such as {"anthropic": ""}.')
+    for protocol, url in value.items():
+        if protocol not in NATIVE_PROTOCOLS:
+            raise ValidationError(
+                f"Unknown protocol {protocol!r}; known: {', '.join(NATIVE_PROTOCOLS)}."
+            )
+        if not isinstance(url, str) or (url and not url.startswith(("http://", "https://"))):
+            raise ValidationError(f"The {protocol} URL must be an http(s) URL or empty.")
 
 
 def default_read_timeout_s() -> float:
@@ -60,6 +80,7 @@ class Provider(UpstreamEndpoint, models.Model):
         DEEPINFRA = "deepinfra", "DeepInfra (metadata.pricing per 1M)"
         ZENMUX = "zenmux", "ZenMux (tiered pricings per 1M)"
         OPENAI = "openai", "OpenAI list (ids only, prices set by hand)"
+        ANTHROPIC = "anthropic", "Anthropic list (ids and names, prices set by hand)"
 
     class BalanceMethod(models.TextChoices):
         NONE = "none", "None (entered by hand)"
@@ -74,6 +95,7 @@ class Provider(UpstreamEndpoint, models.Model):
     class AuthStyle(models.TextChoices):
         BEARER = "bearer", "Authorization: Bearer"
         API_KEY = API_KEY_HEADER, "x-api-key header"
+        ANTHROPIC = ANTHROPIC_AUTH, "x-api-key and anthropic-version (Anthropic)"
 
     slug = models.SlugField(max_length=50, unique=True)
     name = models.CharField(max_length=100)
@@ -113,6 +135,15 @@ class Provider(UpstreamEndpoint, models.Model):
             "How long this provider keeps a conversation's prompt prefix cached: routing expects "
             "a key that served a session this recently to bill that prefix at the cached price."
         ),
+    )
+    native_protocols = models.JSONField(
+        default=dict,
+        blank=True,
+        validators=[validate_native_protocols],
+        help_text="Client protocols this provider serves natively, with their base URL up to "
+        'and including /v1 ("" for the base URL above), e.g. {"anthropic": '
+        '"https://api.deepseek.com/anthropic/v1"}. Requests in that protocol are passed through '
+        "untranslated.",
     )
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)

@@ -8,6 +8,7 @@ operator can point a preset at a mirror, and tests at a local fake.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from providers.models import Provider
 
@@ -28,8 +29,11 @@ class ProviderPreset:
     key_check_model: str = ""
     default_vendor: str = ""
     seed_prices: str = ""  # a JSON file in providers/seed/, for catalogs without prices
+    auth_style: str = Provider.AuthStyle.BEARER
+    native_protocols: tuple[tuple[str, str], ...] = ()  # (protocol, base URL; "" = base_url)
+    reasoning_parameter: str = ""  # the request field taking OpenRouter-style reasoning options
 
-    def provider_fields(self) -> dict[str, str]:
+    def provider_fields(self) -> dict[str, Any]:
         return {
             "preset": self.slug,
             "name": self.name,
@@ -40,6 +44,8 @@ class ProviderPreset:
             "key_check": self.key_check,
             "key_check_model": self.key_check_model,
             "default_vendor": self.default_vendor,
+            "auth_style": self.auth_style,
+            "native_protocols": dict(self.native_protocols),
         }
 
 
@@ -53,6 +59,7 @@ PRESETS: dict[str, ProviderPreset] = {
             catalog_format=CatalogFormat.OPENROUTER,
             balance_method=BalanceMethod.OPENROUTER,
             key_check=KeyCheck.OPENROUTER,
+            reasoning_parameter="reasoning",
         ),
         ProviderPreset(
             slug="deepinfra",
@@ -76,6 +83,16 @@ PRESETS: dict[str, ProviderPreset] = {
             balance_method=BalanceMethod.DEEPSEEK,
             default_vendor="deepseek",
             seed_prices="deepseek.json",
+            native_protocols=(("anthropic", "https://api.deepseek.com/anthropic/v1"),),
+        ),
+        ProviderPreset(
+            slug="anthropic",
+            name="Anthropic",
+            base_url="https://api.anthropic.com/v1",
+            catalog_format=CatalogFormat.ANTHROPIC,
+            auth_style=Provider.AuthStyle.ANTHROPIC,
+            default_vendor="anthropic",
+            native_protocols=(("anthropic", ""),),
         ),
         ProviderPreset(
             slug="openai-compatible",

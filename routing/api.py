@@ -62,7 +62,7 @@ def _begin(exchange: Exchange, request: HttpRequest, front: Front) -> None:
     """Read the body; a key that may not call now is told so even when the body is wrong."""
     try:
         # routing.asgi read the body, within the size limit
-        exchange.begin(front.parse(request.body), headers=request.headers)
+        exchange.begin(front.parse(request.body, request.headers), headers=request.headers)
     except GatewayError:
         check_access(request, exchange.client)
         raise

@@ -78,6 +78,7 @@ class Answer:
 
     candidate: Candidate
     response: httpx.Response
+    native: bool = False  # the upstream answered in the client's protocol, untranslated
 
 
 class Exchange:
@@ -237,7 +238,7 @@ class Exchange:
             await asyncio.shield(response.aclose())
             raise
         self.record.ttfb_ms = _ms_since(self.started)
-        content, usage, completion_chars = front.read_json(self.request, content)
+        content, usage, completion_chars = front.read_json(self.request, content, answer.native)
         self.finish(
             Outcome.OK,
             status=response.status_code,
@@ -265,7 +266,7 @@ class Exchange:
 
     async def _relay(self, answer: Answer, front: Front) -> AsyncIterator[bytes]:
         candidate, response = answer.candidate, answer.response
-        reader: StreamTranslator = front.stream_translator(self.request)
+        reader: StreamTranslator = front.stream_translator(self.request, answer.native)
         outcome = Outcome.OK
         error = ""
         try:
@@ -361,14 +362,19 @@ class Exchange:
             "X-Request-Id": self.request_id,
             "User-Agent": USER_AGENT,
         }
+        native = request.native
+        base = native and provider.native_base(native.protocol)
+        if base:
+            url = httpx.URL(base.rstrip("/") + "/" + native.path)
+            content = native.upstream_body(offer.upstream_model_id)
+            headers.update(native.headers_for(base))
+        else:
+            url = provider.request_url(request.endpoint)
+            content = request.upstream_body(offer.upstream_model_id, provider.reasoning_parameter)
         # Built directly rather than by the client: merging its defaults and parsing the URL
         # took a third of the gateway's own time on the way out.
         upstream = httpx.Request(
-            "POST",
-            provider.request_url(request.endpoint),
-            content=request.upstream_body(offer.upstream_model_id),
-            headers=headers,
-            extensions={"timeout": provider.timeouts},
+            "POST", url, content=content, headers=headers, extensions={"timeout": provider.timeouts}
         )
         attempt_started = time.perf_counter()
         if self.overhead_ms is None:
@@ -391,7 +397,7 @@ class Exchange:
             return self._attempted(candidate, started, attempt_started, failure)
         self._attempted(candidate, started, attempt_started, None, status=response.status_code)
         self._choose(candidate)
-        return Answer(candidate, response)
+        return Answer(candidate, response, native=bool(base))
 
     def _attempted(
         self,

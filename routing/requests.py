@@ -21,6 +21,22 @@ ENDPOINTS = {
 
 
 @dataclass
+class NativeCall:
+    """The client's request as an upstream that speaks the client's protocol takes it."""
+
+    protocol: str  # a name in Provider.native_protocols
+    path: str  # below the native base URL
+    body: dict[str, Any]  # forwarded as is, but for the model id
+    headers: dict[str, str]  # the client's protocol headers worth forwarding
+
+    def upstream_body(self, upstream_model_id: str) -> bytes:
+        return json.dumps({**self.body, "model": upstream_model_id}).encode()
+
+    def headers_for(self, base_url: str) -> dict[str, str]:
+        return self.headers
+
+
+@dataclass
 class ClientRequest:
     endpoint: str
     body: dict[str, Any]
@@ -32,9 +48,14 @@ class ClientRequest:
     preferences: ProviderPreferences
     added_usage_option: bool = False
     context: Any = None  # what the client's protocol keeps to translate the answer back
+    native: NativeCall | None = None  # for upstreams that speak the client's protocol
+    reasoning: dict[str, Any] | None = None  # OpenRouter-style, where the upstream takes it
 
-    def upstream_body(self, upstream_model_id: str) -> bytes:
-        return json.dumps({**self.body, "model": upstream_model_id}).encode()
+    def upstream_body(self, upstream_model_id: str, reasoning_parameter: str = "") -> bytes:
+        body = {**self.body, "model": upstream_model_id}
+        if self.reasoning is not None and reasoning_parameter:
+            body[reasoning_parameter] = self.reasoning
+        return json.dumps(body).encode()
 
 
 def load_body(raw: bytes) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from billing.limits import KeyLimits
 from billing.models import ApiKey
 from providers.crypto import SecretDecryptionError
 from providers.models import ModelOffer, Provider, SecretCheck, UpstreamEndpoint, UpstreamKey
+from providers.presets import PRESETS
 from routing.models import SnapshotVersion
 
 
@@ -35,6 +36,11 @@ class ProviderInfo(UpstreamEndpoint):
     auth_style: str
     read_timeout_s: float
     prompt_cache_ttl_s: float = 300.0
+    native: tuple[tuple[str, str], ...] = ()  # (client protocol, its base URL) served natively
+    reasoning_parameter: str = ""  # where OpenRouter-style reasoning options go, if anywhere
+
+    def native_base(self, protocol: str) -> str | None:
+        return next((url for name, url in self.native if name == protocol), None)
 
     def request_url(self, endpoint: str) -> httpx.URL:
         """Parsed once per endpoint: parsing a URL is a good part of building a request."""
@@ -142,6 +148,8 @@ def build_snapshot() -> Snapshot:
             auth_style=p.auth_style,
             read_timeout_s=p.read_timeout_s,
             prompt_cache_ttl_s=p.prompt_cache_ttl_s,
+            native=tuple((name, url or p.base_url) for name, url in p.native_protocols.items()),
+            reasoning_parameter=getattr(PRESETS.get(p.preset), "reasoning_parameter", ""),
         )
         for p in Provider.objects.filter(enabled=True)
     }

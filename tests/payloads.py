@@ -259,3 +259,61 @@ def deepseek_balance_info(currency: str, total: str, granted: str = "0.00") -> d
         "granted_balance": granted,
         "topped_up_balance": f"{Decimal(total) - Decimal(granted):.2f}",
     }
+
+
+# Anthropic Messages answers (api.anthropic.com and Messages-compatible endpoints)
+
+
+def anthropic_message(model: str, text: str = "Hello!", **usage: Any) -> dict[str, Any]:
+    """A non-streaming Messages answer; ``usage`` as Anthropic reports it (input without cache)."""
+    return {
+        "id": "msg_upstream",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": usage or {"input_tokens": 10, "output_tokens": 5},
+    }
+
+
+def anthropic_events(model: str, words: list[str], **usage: Any) -> list[bytes]:
+    """A streamed Messages answer: input usage in ``message_start``, output in ``message_delta``."""
+    start_usage = {k: v for k, v in usage.items() if k != "output_tokens"}
+    message = {**anthropic_message(model, ""), "content": [], "stop_reason": None}
+    message["usage"] = {**start_usage, "output_tokens": 1}
+    events = [
+        ("message_start", {"type": "message_start", "message": message}),
+        ("ping", {"type": "ping"}),
+        (
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+        ),
+        *[
+            (
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": word},
+                },
+            )
+            for word in words
+        ],
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": usage.get("output_tokens", 5)},
+            },
+        ),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    return [f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in events]

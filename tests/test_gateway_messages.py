@@ -312,3 +312,22 @@ def test_models_are_listed_in_anthropic_shape_when_anthropic_version_is_sent(wor
 
 def test_head_on_the_base_url_answers_200(gateway):
     assert httpx.head(gateway.url.removesuffix("/v1") + "/").status_code == 200
+
+
+def test_thinking_becomes_reasoning_where_the_upstream_has_the_parameter(
+    world, gateway, fake_upstream
+):
+    _, plain = world
+    fake_upstream.reply("POST", UPSTREAM, json_body=chat_completion(MODEL, "plain"))
+    thinking = {"type": "enabled", "budget_tokens": 2048}
+    ask(client(gateway, plain), thinking=thinking)
+    assert "reasoning" not in fake_upstream.received(UPSTREAM)[0].json()
+    router = make_provider("openrouter", fake_upstream.url("or"), preset="openrouter")
+    make_offer(router, MODEL, canonical_id=MODEL, input="0.1", output="0.1")
+    make_key(router, "sk-or-v1-" + "r" * 40)
+    gateway.reload()
+    fake_upstream.reply("POST", "/or/chat/completions", json_body=chat_completion(MODEL, "or"))
+    assert ask(client(gateway, plain), thinking=thinking).content[0].text == "or"
+    sent = fake_upstream.received("/or/chat/completions")[0].json()
+    assert sent["reasoning"] == {"max_tokens": 2048}
+    assert "thinking" not in sent

@@ -131,7 +131,7 @@ def test_a_codex_turn_becomes_this_chat_request():
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    assert translation.reasoning_effort == "medium"
+    assert translation.reasoning == {"effort": "medium"}
 
 
 def test_structured_output_becomes_a_response_format():

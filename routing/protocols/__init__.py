@@ -4,6 +4,7 @@ protocol-free ``routing.failover.Exchange``."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 from django.http import HttpResponse
@@ -34,13 +35,17 @@ class StreamTranslator(Protocol):
 class Front(Protocol):
     endpoint: str  # the ledger's name for it
 
-    def parse(self, raw: bytes) -> ClientRequest: ...
+    def parse(self, raw: bytes, headers: Mapping[str, str] | None = None) -> ClientRequest: ...
 
-    def read_json(self, request: ClientRequest, content: bytes) -> tuple[bytes, Usage | None, int]:
+    def read_json(
+        self, request: ClientRequest, content: bytes, native: bool = False
+    ) -> tuple[bytes, Usage | None, int]:
         """An upstream's non-streamed answer: the client's body, its usage, completion chars."""
         ...
 
-    def stream_translator(self, request: ClientRequest) -> StreamTranslator: ...
+    def stream_translator(
+        self, request: ClientRequest, native: bool = False
+    ) -> StreamTranslator: ...
 
     def error_response(self, error: GatewayError) -> HttpResponse: ...
 

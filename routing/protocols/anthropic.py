@@ -11,17 +11,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 from django.http import HttpResponse, JsonResponse
 
-from billing.usage import Usage, estimate_text_tokens, parse_usage
+from billing.usage import Usage, estimate_text_tokens, parse_anthropic_usage, parse_usage
+from providers.models import ANTHROPIC_VERSION
 from providers.upstream import upstream_message
 from routing.errors import GatewayError, UpstreamRefused
-from routing.protocols.translated import ChunkTranslator, TranslatedFront
-from routing.requests import ClientRequest, load_body, prompt_token_estimate
+from routing.protocols.translated import (
+    INCOMPLETE,
+    ChunkTranslator,
+    NativeDialect,
+    TranslatedFront,
+)
+from routing.requests import ClientRequest, NativeCall, load_body, prompt_token_estimate
+from routing.sse import events_of, text_chars
 
 ENDPOINT = "messages"
 MAX_TOOL_NAME = 64  # OpenAI-compatible upstreams refuse longer function names
@@ -507,6 +516,93 @@ class MessagesStream(ChunkTranslator):
 # --- the front ---------------------------------------------------------------------------------
 
 
+# --- native pass-through: upstreams that speak Messages themselves ------------------------------
+
+# Betas each native host is known to refuse; to any other host no beta is forwarded.
+ACCEPTED_BETAS = {"api.anthropic.com": lambda beta: not beta.startswith("oauth-")}
+
+
+class MessagesCall(NativeCall):
+    def headers_for(self, base_url: str) -> dict[str, str]:
+        headers = {"anthropic-version": self.headers.get("anthropic-version", ANTHROPIC_VERSION)}
+        accepts = ACCEPTED_BETAS.get(httpx.URL(base_url).host)
+        betas = [b.strip() for b in self.headers.get("anthropic-beta", "").split(",") if b.strip()]
+        kept = [beta for beta in betas if accepts is not None and accepts(beta)]
+        if kept:
+            headers["anthropic-beta"] = ",".join(kept)
+        return headers
+
+
+def native_call(body: dict[str, Any], headers: Mapping[str, str]) -> NativeCall:
+    forwarded = {
+        name: headers[name] for name in ("anthropic-version", "anthropic-beta") if name in headers
+    }
+    return MessagesCall(protocol="anthropic", path="messages", body=body, headers=forwarded)
+
+
+def native_json(content: bytes) -> tuple[bytes, Usage | None, int]:
+    try:
+        answer = json.loads(content)
+    except ValueError:
+        answer = None
+    usage = parse_anthropic_usage(answer.get("usage")) if isinstance(answer, dict) else None
+    return content, usage, 0 if usage is not None else text_chars(content)
+
+
+class NativeMessagesStream:
+    """A Messages stream from an upstream that speaks it: forwarded byte for byte, its usage read
+    from ``message_start`` and ``message_delta`` (cumulative counts replace earlier ones)."""
+
+    def __init__(self, request: ClientRequest) -> None:
+        self.buffer = b""
+        self.counts: dict[str, Any] = {}
+        self.usage: Usage | None = None
+        self.text_chars = 0
+        self.error = ""
+        self.done = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        payloads, self.buffer = events_of(self.buffer + chunk)
+        for payload in payloads:
+            self._read(payload)
+        return chunk
+
+    def close(self) -> bytes:
+        payloads, _ = events_of(self.buffer + b"\n\n")
+        self.buffer = b""
+        for payload in payloads:
+            self._read(payload)
+        if self.done or self.error:
+            return b""
+        self.error = INCOMPLETE
+        return self.fail(GatewayError(502, self.error), "")
+
+    def fail(self, error: GatewayError, request_id: str) -> bytes:
+        self.done = True
+        return _event("error", error_body(error.status, error.message))
+
+    def _read(self, payload: bytes) -> None:
+        if b'"usage"' not in payload and b'"error"' not in payload:
+            if b"message_stop" in payload:
+                self.done = True
+            else:
+                self.text_chars += text_chars(payload)
+            return
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            return
+        if not isinstance(event, dict):
+            return
+        if event.get("type") == "error":
+            self.error = upstream_message(payload)
+            return
+        usage = event.get("usage") or (event.get("message") or {}).get("usage")
+        if isinstance(usage, dict):
+            self.counts.update({k: v for k, v in usage.items() if v is not None})
+            self.usage = parse_anthropic_usage(self.counts)
+
+
 MESSAGES = TranslatedFront(
     endpoint=ENDPOINT,
     to_chat=to_chat,
@@ -514,6 +610,7 @@ MESSAGES = TranslatedFront(
     from_chat=from_chat,
     stream=MessagesStream,
     render_error=error_response,
+    native=NativeDialect(call=native_call, read_json=native_json, stream=NativeMessagesStream),
 )
 
 

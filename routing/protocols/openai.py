@@ -4,6 +4,7 @@ request and the answer pass through; the stream is forwarded byte for byte (``ro
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,14 +52,16 @@ class ChatStream(StreamReader):
 class OpenAIFront:
     endpoint: str
 
-    def parse(self, raw: bytes) -> ClientRequest:
+    def parse(self, raw: bytes, headers: Mapping[str, str] | None = None) -> ClientRequest:
         return parse_client_request(self.endpoint, raw)
 
-    def read_json(self, request: ClientRequest, content: bytes) -> tuple[bytes, Usage | None, int]:
+    def read_json(
+        self, request: ClientRequest, content: bytes, native: bool = False
+    ) -> tuple[bytes, Usage | None, int]:
         usage = parse_usage_json(content)
         return content, usage, 0 if usage is not None else text_chars(content)
 
-    def stream_translator(self, request: ClientRequest) -> ChatStream:
+    def stream_translator(self, request: ClientRequest, native: bool = False) -> ChatStream:
         return ChatStream(request)
 
     def error_response(self, error: GatewayError) -> HttpResponse:

@@ -38,7 +38,7 @@ class Translation:
     response_id: str
     created_at: int
     echo: dict[str, Any] = field(default_factory=dict)
-    reasoning_effort: str | None = None  # for upstreams with a reasoning parameter
+    reasoning: dict[str, Any] | None = None  # for upstreams with a reasoning parameter
 
 
 # --- request: Responses -> chat completions ----------------------------------------------------
@@ -100,7 +100,7 @@ def to_chat(body: dict[str, Any]) -> tuple[dict[str, Any], Translation]:
         chat["response_format"] = response_format
     effort = (body.get("reasoning") or {}).get("effort")
     if isinstance(effort, str) and effort:
-        translation.reasoning_effort = effort
+        translation.reasoning = {"effort": effort}
     if body.get("stream") is True:
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}

@@ -5,9 +5,9 @@ that parses each upstream chunk once and hands its choices to the protocol's eve
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.http import HttpResponse
@@ -16,8 +16,11 @@ from billing.usage import Usage, parse_usage
 from providers.upstream import upstream_message
 from routing.dispatcher import ProviderPreferences
 from routing.errors import GatewayError
-from routing.requests import ClientRequest, load_body
+from routing.requests import ClientRequest, NativeCall, load_body
 from routing.sse import events_of, text_chars
+
+if TYPE_CHECKING:
+    from routing.protocols import StreamTranslator
 
 INCOMPLETE = "the upstream stream ended before the answer was complete"
 
@@ -101,6 +104,16 @@ class ChunkTranslator:
 
 
 @dataclass(frozen=True)
+class NativeDialect:
+    """How a protocol passes through to an upstream that speaks it: the call to forward, and the
+    readers of its answer (the client's bytes unchanged, usage read on the way)."""
+
+    call: Callable[[dict[str, Any], Mapping[str, str]], NativeCall]
+    read_json: Callable[[bytes], tuple[bytes, Usage | None, int]]
+    stream: Callable[[ClientRequest], StreamTranslator]
+
+
+@dataclass(frozen=True)
 class TranslatedFront:
     """A client protocol answered by chat-completions upstreams, from its pure translations."""
 
@@ -110,10 +123,12 @@ class TranslatedFront:
     from_chat: Callable[[dict[str, Any], Any], dict[str, Any]]
     stream: type[ChunkTranslator]
     render_error: Callable[[GatewayError], HttpResponse]
+    native: NativeDialect | None = None  # for upstreams that speak this protocol themselves
 
-    def parse(self, raw: bytes) -> ClientRequest:
+    def parse(self, raw: bytes, headers: Mapping[str, str] | None = None) -> ClientRequest:
         body = load_body(raw)
         chat, translation = self.to_chat(body)
+        native = self.native.call(body, headers or {}) if self.native is not None else None
         return ClientRequest(
             endpoint="chat/completions",
             body=chat,
@@ -124,9 +139,15 @@ class TranslatedFront:
             output_tokens=chat.get("max_tokens") or settings.KEYAOS_DEFAULT_MAX_TOKENS,
             preferences=ProviderPreferences(),
             context=translation,
+            native=native,
+            reasoning=translation.reasoning,
         )
 
-    def read_json(self, request: ClientRequest, content: bytes) -> tuple[bytes, Usage | None, int]:
+    def read_json(
+        self, request: ClientRequest, content: bytes, native: bool = False
+    ) -> tuple[bytes, Usage | None, int]:
+        if native:
+            return self.native.read_json(content)
         try:
             chat = json.loads(content)
         except ValueError:
@@ -137,8 +158,8 @@ class TranslatedFront:
         usage = parse_usage(chat.get("usage"))
         return json.dumps(answer).encode(), usage, 0 if usage is not None else text_chars(content)
 
-    def stream_translator(self, request: ClientRequest) -> ChunkTranslator:
-        return self.stream(request)
+    def stream_translator(self, request: ClientRequest, native: bool = False) -> StreamTranslator:
+        return self.native.stream(request) if native else self.stream(request)
 
     def error_response(self, error: GatewayError) -> HttpResponse:
         return self.render_error(error)
