@@ -242,7 +242,9 @@ def test_an_upstream_refusing_the_request_is_told_in_anthropic_shape(world, gate
 
 def test_a_stream_failing_mid_way_ends_with_an_error_event(world, gateway, fake_upstream):
     _, plain = world
-    fake_upstream.stream(UPSTREAM, chat_chunks(MODEL, ["a", "b", "c", "d"]), fail_after=3)
+    fake_upstream.stream(
+        UPSTREAM, chat_chunks(MODEL, ["a", "b", "c", "d"]), fail_after=3, gap_s=0.05
+    )
     response = httpx.post(
         gateway.url + "/messages",
         headers={"Authorization": f"Bearer {plain}"},

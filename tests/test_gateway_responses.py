@@ -158,7 +158,9 @@ def test_previous_response_id_is_a_clear_400(world):
 
 def test_a_stream_failing_mid_way_ends_with_response_failed(world, gateway, fake_upstream):
     _, client = world
-    fake_upstream.stream(UPSTREAM, chat_chunks(MODEL, ["a", "b", "c", "d"]), fail_after=3)
+    fake_upstream.stream(
+        UPSTREAM, chat_chunks(MODEL, ["a", "b", "c", "d"]), fail_after=3, gap_s=0.05
+    )
     events = list(client.responses.create(model=MODEL, input="Hello", stream=True))
     assert events[-1].type == "response.failed"
     assert events[-1].response.status == "failed" and events[-1].response.error.message

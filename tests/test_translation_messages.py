@@ -453,3 +453,16 @@ def test_an_error_inside_the_stream_ends_it_with_an_error_event():
 def test_a_stream_cut_before_its_finish_ends_with_an_error_event():
     events, stream = run_stream(sse(chunk(MODEL, {"content": "Hi"}), done=False))
     assert events[-1]["type"] == "error" and stream.error
+
+
+def test_a_failure_before_the_first_chunk_still_starts_the_message():
+    body = {
+        "model": MODEL,
+        "max_tokens": 5,
+        "stream": True,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    stream = MESSAGES.stream_translator(MESSAGES.parse(json.dumps(body).encode()))
+    out = stream.fail(GatewayError(502, "upstream failed mid-stream"), "req_1")
+    names = [line for line in out.decode().splitlines() if line.startswith("event")]
+    assert names == ["event: message_start", "event: ping", "event: error"]

@@ -65,7 +65,8 @@ class ChunkTranslator:
         return b"".join(out)
 
     def fail(self, error: GatewayError, request_id: str) -> bytes:
-        return self._failed(error.message, error.status)
+        start = b"" if self.started else self._start()
+        return start + self._failed(error.message, error.status)
 
     def _translate(self, payload: bytes) -> bytes:
         if self.done:
