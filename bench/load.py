@@ -1,6 +1,7 @@
 """The benchmark's load generator: closed-loop aiohttp workers, run in a process of its own.
 
-``--concurrency`` workers each send one chat request after another for ``--warmup`` seconds (not
+``--concurrency`` workers each send one chat request (with ``--mode messages``, a streamed
+Anthropic Messages request) after another for ``--warmup`` seconds (not
 measured) and then ``--duration`` seconds. It prints one JSON object: requests measured and sent,
 errors, requests/s, latency and time-to-first-token percentiles, and, with ``--watch-pid``, the CPU
 time that process (and its children) spent during the measured window, read from ``/proc``.
@@ -20,6 +21,8 @@ import aiohttp
 
 PROMPT = [{"role": "user", "content": "Say hello to the benchmark in a few words."}]
 DONE = b"data: [DONE]"
+MESSAGE_STOP = b"event: message_stop"
+STREAMED = ("stream", "messages")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -81,6 +84,10 @@ class Load:
             False: request_body(args.model, stream=False),
             True: request_body(args.model, stream=True),
         }
+        # Messages through Keyaos; directly, the same body is the upstream's chat stream.
+        self.end_marker = MESSAGE_STOP if args.url.endswith("/messages") else DONE
+        if self.end_marker is MESSAGE_STOP:
+            self.headers["anthropic-version"] = "2023-06-01"
         self.tally = Tally()
         self.measuring_since: float | None = None
 
@@ -106,7 +113,7 @@ class Load:
         return self.summary(elapsed, cpu_before, cpu_after)
 
     async def worker(self, session, number: int, warm_until: float, stop_at: float) -> None:
-        stream = self.args.mode == "stream" or (self.args.mode == "mixed" and number % 2 == 1)
+        stream = self.args.mode in STREAMED or (self.args.mode == "mixed" and number % 2 == 1)
         while time.perf_counter() < stop_at:
             begun = time.perf_counter()
             measured = begun >= warm_until
@@ -135,8 +142,8 @@ class Load:
                 if response.status != 200:
                     tally.error(f"HTTP {response.status}: {tail[-200:]!r}")
                     return
-                if stream and DONE not in tail:
-                    tally.error("stream ended without [DONE]")
+                if stream and self.end_marker not in tail:
+                    tally.error(f"stream ended without {self.end_marker.decode()}")
                     return
                 overhead = response.headers.get("x-keyaos-overhead-ms")
         except (aiohttp.ClientError, TimeoutError) as error:
@@ -185,10 +192,10 @@ class Load:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", required=True, help="the chat completions URL")
+    parser.add_argument("--url", required=True, help="the chat completions (or messages) URL")
     parser.add_argument("--model", default="bench-model")
     parser.add_argument("--api-key", default="")
-    parser.add_argument("--mode", choices=("json", "stream", "mixed"), default="json")
+    parser.add_argument("--mode", choices=("json", "stream", "mixed", "messages"), default="json")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds first")

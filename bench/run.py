@@ -47,7 +47,7 @@ RESULTS_DIR = BASE_DIR / "bench" / "results"
 MODEL = "bench-model"
 PROVIDER = "bench"
 UPSTREAM_SECRET = "sk-bench-upstream-secret"
-MODES = ("json", "stream")
+MODES = ("json", "stream", "messages")
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0
 
@@ -55,6 +55,7 @@ STOP_TIMEOUT_S = 30.0
 TARGETS = {
     "cpu_ms_per_request_json": 2.5,
     "cpu_ms_per_stream": 4.0,
+    "messages_cpu_over_stream_ms": 0.15,  # the Anthropic translation of a 20-chunk stream
     "added_p50_ms_c1": 2.0,
     "added_p99_ms_c1": 5.0,
     "added_ttft_p50_ms_c1": 2.0,
@@ -109,6 +110,11 @@ class Bench:
     @property
     def gateway_chat_url(self) -> str:
         return f"http://127.0.0.1:{self.gateway_port}/v1/chat/completions"
+
+    def gateway_url(self, mode: str) -> str:
+        if mode == "messages":
+            return f"http://127.0.0.1:{self.gateway_port}/v1/messages"
+        return self.gateway_chat_url
 
 
 # --- set-up --------------------------------------------------------------------------------------
@@ -329,7 +335,7 @@ def run_load(bench: Bench, target: str, mode: str, concurrency: int, duration: f
     through_gateway = target == "keyaos"
     command = load_command(
         bench,
-        bench.gateway_chat_url if through_gateway else bench.upstream_chat_url,
+        bench.gateway_url(mode) if through_gateway else bench.upstream_chat_url,
         mode,
         concurrency,
         duration=duration,
@@ -368,7 +374,7 @@ def phase(bench: Bench, mode: str, concurrency: int) -> dict:
         "cpu_system_share": _share(keyaos.get("cpu_system_s"), keyaos.get("cpu_s")),
         "errors": keyaos["errors"],
     }
-    if mode == "stream" and keyaos["ttft_ms"] and direct["ttft_ms"]:
+    if mode in ("stream", "messages") and keyaos["ttft_ms"] and direct["ttft_ms"]:
         row["added_ttft_ms"] = {
             rank: _difference(keyaos["ttft_ms"][rank], direct["ttft_ms"][rank])
             for rank in ("p50", "p95", "p99")
@@ -601,6 +607,17 @@ def machine() -> dict:
     }
 
 
+def translation_cpu_ms(rows: list[dict]) -> float | None:
+    """The most a Messages stream cost over a chat stream at the same concurrency."""
+    cpu = {(r["mode"], r["concurrency"]): r["cpu_ms_per_request"] for r in rows}
+    extra = [
+        cpu[("messages", c)] - cpu[("stream", c)]
+        for mode, c in cpu
+        if mode == "messages" and cpu.get(("stream", c)) is not None and cpu[(mode, c)] is not None
+    ]
+    return round(max(extra), 3) if extra else None
+
+
 def targets(rows: list[dict], startup_s: float, peak_mb: float) -> dict:
     def worst(mode: str) -> float | None:
         values = [r["cpu_ms_per_request"] for r in rows if r["mode"] == mode]
@@ -617,6 +634,7 @@ def targets(rows: list[dict], startup_s: float, peak_mb: float) -> dict:
     figures = {
         "cpu_ms_per_request_json": worst("json"),
         "cpu_ms_per_stream": worst("stream"),
+        "messages_cpu_over_stream_ms": translation_cpu_ms(rows),
         "added_p50_ms_c1": at_c1("json", "added_latency_ms", "p50"),
         "added_p99_ms_c1": at_c1("json", "added_latency_ms", "p99"),
         "added_ttft_p50_ms_c1": at_c1("stream", "added_ttft_ms", "p50"),
@@ -650,7 +668,7 @@ def _percent(share: float | None) -> str:
 
 def table(rows: list[dict]) -> str:
     header = (
-        f"{'mode':<6} {'conc':>4} | {'direct rps':>10} {'p50':>6} {'p99':>6} | "
+        f"{'mode':<8} {'conc':>4} | {'direct rps':>10} {'p50':>6} {'p99':>6} | "
         f"{'keyaos rps':>10} {'p50':>7} {'p95':>7} {'p99':>7} | {'added p50':>9} {'p99':>7} | "
         f"{'ttft+ p50':>9} | {'cpu ms/req':>10} {'sys':>4} | {'errors':>6}"
     )
@@ -658,7 +676,7 @@ def table(rows: list[dict]) -> str:
     for row in rows:
         direct, keyaos = row["direct"], row["keyaos"]
         lines.append(
-            f"{row['mode']:<6} {row['concurrency']:>4} | "
+            f"{row['mode']:<8} {row['concurrency']:>4} | "
             f"{_cell(direct['rps'], 10, 0)} {_cell(direct['latency_ms']['p50'], 6)} "
             f"{_cell(direct['latency_ms']['p99'], 6)} | "
             f"{_cell(keyaos['rps'], 10, 0)} {_cell(keyaos['latency_ms']['p50'], 7)} "

@@ -18,6 +18,7 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_a_tiny_bench_runs_end_to_end_and_finds_one_ledger_row_per_request(tmp_path):
+    """Chat (non-streamed and streamed) and Messages streams, each straight and through Keyaos."""
     output = tmp_path / "bench.json"
     env = {**os.environ}
     env.pop("DJANGO_SETTINGS_MODULE", None)
@@ -44,6 +45,7 @@ def test_a_tiny_bench_runs_end_to_end_and_finds_one_ledger_row_per_request(tmp_p
     assert [(row["mode"], row["concurrency"]) for row in result["phases"]] == [
         ("json", 2),
         ("stream", 2),
+        ("messages", 2),
     ]
     for row in result["phases"]:
         assert row["errors"] == 0
@@ -52,6 +54,8 @@ def test_a_tiny_bench_runs_end_to_end_and_finds_one_ledger_row_per_request(tmp_p
         assert set(row["added_latency_ms"]) == {"p50", "p95", "p99"}
         assert set(row["keyaos"]["latency_ms"]) == {"p50", "p95", "p99", "mean", "max"}
     assert result["phases"][1]["added_ttft_ms"]["p50"] is not None
+    assert result["phases"][2]["added_ttft_ms"]["p50"] is not None
+    assert result["targets"]["messages_cpu_over_stream_ms"]["value"] is not None
     ledger = result["ledger"]
     assert ledger["ok"] and ledger["rows"] == ledger["sent"] == ledger["answered_ids"]
     assert ledger["outcomes"] == {"ok": ledger["rows"]}

@@ -466,3 +466,10 @@ def test_a_failure_before_the_first_chunk_still_starts_the_message():
     out = stream.fail(GatewayError(502, "upstream failed mid-stream"), "req_1")
     names = [line for line in out.decode().splitlines() if line.startswith("event")]
     assert names == ["event: message_start", "event: ping", "event: error"]
+
+
+def test_text_with_quotes_escapes_and_unicode_arrives_unchanged():
+    words = ['say "hi"\n', "ü\\ ", "\u2028 😀"]
+    events, _ = run_stream(chat_chunks(MODEL, words, USAGE), split=3)
+    texts = [e["delta"]["text"] for e in events if e["type"] == "content_block_delta"]
+    assert texts == words

@@ -263,3 +263,10 @@ def test_an_upstream_error_or_a_cut_stream_ends_with_response_failed():
     assert events[-1]["response"]["error"] == {"code": "server_error", "message": "boom"}
     events, stream = run_stream(sse(chunk(MODEL, {"content": "a"}), done=False))
     assert events[-1]["type"] == "response.failed" and stream.error
+
+
+def test_text_with_quotes_escapes_and_unicode_arrives_unchanged():
+    words = ['say "hi"\n', "ü\\ ", "\u2028 😀"]
+    events, _ = run_stream(chat_chunks(MODEL, words, USAGE), split=4)
+    assert [e["delta"] for e in events if e["type"] == "response.output_text.delta"] == words
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == "".join(words)

@@ -395,6 +395,12 @@ def _event(name: str, payload: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + json.dumps(payload).encode() + b"\n\n"
 
 
+_TEXT_DELTA = (
+    b"event: content_block_delta\ndata: "
+    b'{"type": "content_block_delta", "index": %d, "delta": {"type": "text_delta", "text": %s}}\n\n'
+)
+
+
 class MessagesStream(ChunkTranslator):
     """Translates a chat-completions stream into Messages events, one upstream chunk at a time.
 
@@ -462,6 +468,10 @@ class MessagesStream(ChunkTranslator):
             return b""
         self.block = None
         return _event("content_block_stop", {"type": "content_block_stop", "index": self.index})
+
+    def _text_json(self, text: bytes) -> bytes:
+        out = b"" if self.block == "text" else self._open("text", {"type": "text", "text": ""})
+        return out + _TEXT_DELTA % (self.index, text)
 
     def _delta(self, kind: str, delta: dict[str, Any], index: int | None = None) -> bytes:
         out = b""

@@ -330,12 +330,20 @@ class _Item:
         self.output_index = output_index
         self.text: list[str] = []
         self.fields = fields
+        self.where = b'"item_id": "%s", "output_index": %d' % (item_id.encode(), output_index)
 
     def whole(self, status: str) -> dict[str, Any]:
         text = "".join(self.text)
         if self.kind == "message":
             return _message_item(self.id, text, status)
         return _call_item(self.id, self.fields["call_id"], self.fields["name"], text, status)
+
+
+_TEXT_DELTA = (
+    b"event: response.output_text.delta\ndata: "
+    b'{"type": "response.output_text.delta", "sequence_number": %d, %s, "content_index": 0, '
+    b'"delta": %s, "logprobs": []}\n\n'
+)
 
 
 class ResponsesStream(ChunkTranslator):
@@ -389,19 +397,30 @@ class ResponsesStream(ChunkTranslator):
             {"output_index": item.output_index, "item": item.whole("in_progress")},
         )
 
+    def _text_json(self, text: bytes) -> bytes:
+        out = self._open_message()
+        item = self.open
+        item.text.append(json.loads(text))
+        event = _TEXT_DELTA % (self.sequence, item.where, text)
+        self.sequence += 1
+        return out + event
+
+    def _open_message(self) -> bytes:
+        if self.open is not None and self.open.kind == "message":
+            return b""
+        item = _Item("message", _item_id("msg"), len(self.items))
+        return self._add(item) + self._event(
+            "response.content_part.added",
+            {
+                "item_id": item.id,
+                "output_index": item.output_index,
+                "content_index": 0,
+                "part": _text_part(""),
+            },
+        )
+
     def _text(self, text: str) -> bytes:
-        out = b""
-        if self.open is None or self.open.kind != "message":
-            item = _Item("message", _item_id("msg"), len(self.items))
-            out = self._add(item) + self._event(
-                "response.content_part.added",
-                {
-                    "item_id": item.id,
-                    "output_index": item.output_index,
-                    "content_index": 0,
-                    "part": _text_part(""),
-                },
-            )
+        out = self._open_message()
         item = self.open
         item.text.append(text)
         self.text_chars += len(text)

@@ -5,6 +5,7 @@ that parses each upstream chunk once and hands its choices to the protocol's eve
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,23 @@ if TYPE_CHECKING:
     from routing.protocols import StreamTranslator
 
 INCOMPLETE = "the upstream stream ended before the answer was complete"
+
+# Most chunks of a stream carry a piece of text and nothing else: those are translated from their
+# bytes, the JSON string spliced into the protocol's event, without parsing the chunk.
+_CONTENT = re.compile(rb'"content"\s*:\s*("(?:[^"\\]|\\.)*")')
+_OPEN_FINISH = re.compile(rb'"finish_reason"\s*:\s*null')
+_NOT_ONLY_TEXT = (b'"tool_calls"', b'"reasoning', b'"usage"', b'"error"', b'"refusal"')
+
+
+def only_text(payload: bytes) -> bytes | None:
+    """The JSON string of a chunk whose one choice carries text alone, or None."""
+    for marker in _NOT_ONLY_TEXT:
+        if marker in payload:
+            return None
+    if payload.count(b'"delta"') != 1 or not _OPEN_FINISH.search(payload):
+        return None
+    match = _CONTENT.search(payload)
+    return match.group(1) if match else None
 
 
 class ChunkTranslator:
@@ -73,6 +91,12 @@ class ChunkTranslator:
             return b""
         if payload == b"[DONE]":
             return self._end()
+        text = only_text(payload)
+        if text is not None:
+            if len(text) == 2:  # ""
+                return b""
+            self.text_chars += len(text) - 2
+            return self._text_json(text)
         try:
             chunk = json.loads(payload)
         except ValueError:
@@ -95,6 +119,10 @@ class ChunkTranslator:
         raise NotImplementedError
 
     def _choice(self, choice: dict[str, Any]) -> bytes:
+        raise NotImplementedError
+
+    def _text_json(self, text: bytes) -> bytes:
+        """The events for a piece of text, given as its JSON string."""
         raise NotImplementedError
 
     def _end(self) -> bytes:
