@@ -7,8 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('providers', '0006_provider_prompt_cache_ttl'),
-        ('providers', '0006_refresh_result_unpriced_models'),
+        ('providers', '0007_merge_unpriced_models_and_prompt_cache_ttl'),
     ]
 
     operations = [
