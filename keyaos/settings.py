@@ -74,6 +74,9 @@ for _index, _key in enumerate(KEYAOS_ENCRYPTION_KEYS):
             "print(Fernet.generate_key().decode())'`)."
         ) from None
 
+# The reverse proxies whose X-Forwarded-For/-Proto headers `manage.py serve` lets uvicorn trust;
+# empty: none (the connection's peer address is the client's).
+FORWARDED_ALLOW_IPS = ",".join(env_list("FORWARDED_ALLOW_IPS", []))
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
@@ -226,6 +229,7 @@ KEYAOS_RATE_LIMIT_COOLDOWN_S = env_float("KEYAOS_RATE_LIMIT_COOLDOWN_S", 30.0)
 KEYAOS_HEALTH_WINDOW_S = env_int("KEYAOS_HEALTH_WINDOW_S", 10, minimum=1)
 KEYAOS_TRIP_MIN_FAILURES = env_int("KEYAOS_TRIP_MIN_FAILURES", 3, minimum=1)
 KEYAOS_TRIP_FAILURE_RATIO = env_float("KEYAOS_TRIP_FAILURE_RATIO", 0.5)
+KEYAOS_BODY_TIMEOUT_S = env_float("KEYAOS_BODY_TIMEOUT_S", 60.0, minimum=0.1)
 DATA_UPLOAD_MAX_MEMORY_SIZE = KEYAOS_MAX_BODY_BYTES
 KEYAOS_LOW_BALANCE_USD = env_decimal("KEYAOS_LOW_BALANCE_USD", "1")
 # Where published model ids come from when no OpenRouter provider is configured; "" turns it off.

@@ -20,7 +20,7 @@ import time
 
 from django.conf import settings
 from django.core.handlers.asgi import ASGIRequest
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.urls import Resolver404, resolve
 
 from routing import errors
@@ -41,10 +41,18 @@ class GatewayApplication:
         started = time.perf_counter()
         request_id = new_request_id()
         try:
-            body = await _read_body(receive, settings.KEYAOS_MAX_BODY_BYTES)
+            async with asyncio.timeout(settings.KEYAOS_BODY_TIMEOUT_S):
+                body = await _read_body(receive, settings.KEYAOS_MAX_BODY_BYTES)
         except BodyTooLarge:
             response = front_for_path(scope["path"]).error_response(errors.body_too_large())
             await _send_response(response, request_id, send)
+            return
+        except TimeoutError:
+            # Answered without waiting for the rest; uvicorn closes the connection, whose body
+            # was never read to its end.
+            response = front_for_path(scope["path"]).error_response(errors.body_too_slow())
+            response["Connection"] = "close"
+            await _send_response(response, request_id, send, receive)
             return
         except _Disconnected:
             return
@@ -76,6 +84,8 @@ class GatewayApplication:
             response = await match.func(request, *match.args, **match.kwargs)
         except GatewayError as error:  # raised outside django-ninja's exception handler
             return _error_response(request, error)
+        except Http404:  # django-ninja's root view: /v1/ itself is no endpoint
+            return _error_response(request, errors.unknown_endpoint(request.method, request.path))
         except Exception:
             logger.exception("unhandled error on %s %s", request.method, request.path)
             return _error_response(request, errors.internal_error())

@@ -139,6 +139,14 @@ def body_too_large() -> GatewayError:
     )
 
 
+def body_too_slow() -> GatewayError:
+    return GatewayError(
+        408,
+        f"The request body did not arrive within {settings.KEYAOS_BODY_TIMEOUT_S:g} s.",
+        code="request_timeout",
+    )
+
+
 def unknown_endpoint(method: str, path: str) -> GatewayError:
     return GatewayError(404, f"Unknown endpoint: {method} {path}", code="unknown_url")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,15 @@ from django.conf import settings
 from billing.usage import estimate_text_tokens
 from routing.dispatcher import ProviderPreferences
 from routing.errors import GatewayError, body_too_large
+
+MAX_JSON_DEPTH = 64
+# Integer fields the gateway reads: the range it accepts (beyond it a request is a 400, never a
+# number too large for the counters or the ledger).
+_RANGES = {
+    "max_tokens": (1, 2**31 - 1),
+    "max_completion_tokens": (1, 2**31 - 1),
+    "n": (1, 128),
+}
 
 # endpoint -> (offer kind, body field holding the prompt)
 ENDPOINTS = {
@@ -63,14 +73,53 @@ def load_body(raw: bytes) -> dict[str, Any]:
     if len(raw) > settings.KEYAOS_MAX_BODY_BYTES:
         raise body_too_large()
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_float=_finite_float, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError):
         raise GatewayError(
             400, "The request body is not valid JSON.", code="invalid_json"
         ) from None
+    except RecursionError:
+        raise _too_deep() from None
     if not isinstance(body, dict):
         raise GatewayError(400, "The request body must be a JSON object.", code="invalid_json")
+    if _depth_exceeds(body, MAX_JSON_DEPTH):
+        raise _too_deep()
     return body
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise GatewayError(400, f"The number {text[:40]} is out of range.", code="invalid_json")
+    return number
+
+
+def _no_constant(text: str) -> float:
+    raise GatewayError(400, f"{text} is not a JSON number.", code="invalid_json")
+
+
+def _too_deep() -> GatewayError:
+    return GatewayError(
+        400,
+        f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.",
+        code="invalid_json",
+    )
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Iterative, so that depth itself cannot exhaust the stack."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend(
+                (child, depth + 1) for child in item.values() if isinstance(child, (dict, list))
+            )
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
+    return False
 
 
 def parse_client_request(endpoint: str, raw: bytes) -> ClientRequest:
@@ -93,6 +142,7 @@ def parse_client_request(endpoint: str, raw: bytes) -> ClientRequest:
             body["stream_options"] = {**options, "include_usage": True}
             added_usage_option = True
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    choices = body.get("n") or 1
     return ClientRequest(
         endpoint=endpoint,
         body=body,
@@ -100,9 +150,10 @@ def parse_client_request(endpoint: str, raw: bytes) -> ClientRequest:
         stream=stream,
         kind=kind,
         prompt_tokens=prompt_token_estimate(body.get(prompt_field)),
+        # each of the n choices may use max_tokens
         output_tokens=0
         if kind == "embedding"
-        else max_tokens or settings.KEYAOS_DEFAULT_MAX_TOKENS,
+        else (max_tokens or settings.KEYAOS_DEFAULT_MAX_TOKENS) * choices,
         preferences=preferences,
         added_usage_option=added_usage_option,
     )
@@ -140,8 +191,10 @@ def _check_types(body: dict[str, Any], endpoint: str) -> None:
             continue
         if isinstance(value, bool) and types is not bool or not isinstance(value, types):
             raise GatewayError(400, f"'{field}' must be {description}.", param=field)
-        if field in ("max_tokens", "max_completion_tokens") and value < 1:
-            raise GatewayError(400, f"'{field}' must be at least 1.", param=field)
+        if field in _RANGES:
+            low, high = _RANGES[field]
+            if not low <= value <= high:
+                raise GatewayError(400, f"'{field}' must be between {low} and {high}.", param=field)
     if endpoint == "chat/completions":
         messages = body["messages"]
         if not isinstance(messages, list) or not messages:

@@ -71,7 +71,7 @@ def test_the_bench_starts_the_gateway_as_production_does_with_one_worker():
     assert command[1:4] == ["-m", "uvicorn", "keyaos.asgi:application"]
     assert command[command.index("--workers") + 1] == "1"
     assert command[command.index("--lifespan") + 1] == "on"
-    assert "--proxy-headers" in command
+    assert "--no-proxy-headers" in command  # no FORWARDED_ALLOW_IPS: no forwarded headers
 
 
 def test_the_fake_stream_is_a_role_chunk_content_chunks_a_finish_a_usage_chunk_and_done():

@@ -38,7 +38,13 @@ CLEAN_EXIT_CODES = {0, *(-sig for sig in STOP_SIGNALS), *(128 + sig for sig in S
 
 
 def uvicorn_command(
-    *, host: str, port: int, workers: int, drain_s: float, json_logs: bool = False
+    *,
+    host: str,
+    port: int,
+    workers: int,
+    drain_s: float,
+    json_logs: bool = False,
+    forwarded_allow_ips: str = "",
 ) -> list[str]:
     return [
         sys.executable,
@@ -51,7 +57,7 @@ def uvicorn_command(
         str(port),
         "--workers",
         str(workers),
-        "--proxy-headers",
+        *proxy_header_options(forwarded_allow_ips),
         "--timeout-graceful-shutdown",
         str(math.ceil(drain_s)),
         "--lifespan",
@@ -98,6 +104,17 @@ def metrics_directory() -> Iterator[dict[str, str]]:
         yield {**os.environ, MULTIPROCESS_DIR_VARIABLE: directory}
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def proxy_header_options(forwarded_allow_ips: str) -> list[str]:
+    """Trust ``X-Forwarded-For``/``-Proto`` only from the proxies the operator named.
+
+    uvicorn's own default trusts 127.0.0.1, so any local process could claim any client address
+    (and pass a key's IP allowlist); without ``FORWARDED_ALLOW_IPS`` no one is trusted.
+    """
+    if not forwarded_allow_ips:
+        return ["--no-proxy-headers"]
+    return ["--proxy-headers", "--forwarded-allow-ips", forwarded_allow_ips]
 
 
 def qcluster_command() -> list[str]:
@@ -216,6 +233,7 @@ class Command(BaseCommand):
                 workers=workers,
                 drain_s=settings.KEYAOS_DRAIN_S,
                 json_logs=settings.KEYAOS_LOG_FORMAT == "json",
+                forwarded_allow_ips=settings.FORWARDED_ALLOW_IPS,
             )
         }
         if not options["no_qcluster"]:
