@@ -16,6 +16,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -236,6 +237,16 @@ class Counters:
             return CounterState(backend="redis")
         return CounterState(
             backend="local", degraded=True, since=self._down_since, error=self._error
+        )
+
+    def fallback_reason(self) -> str | None:
+        """Why the limits run on this process's counters although Redis is configured, or None."""
+        if self.redis is None or self._down_since is None:
+            return None
+        since = datetime.fromtimestamp(self._down_since, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return (
+            f"Redis unreachable since {since} ({self._error}); "
+            "client key limits use this process's counters"
         )
 
     async def admit(self, ask: Admission) -> tuple[int, bool]:

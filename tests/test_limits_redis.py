@@ -193,8 +193,10 @@ async def _load(url: str, plain: str, until: float, workers: int) -> list[httpx.
 @pytest.mark.slow
 def test_redis_stopped_for_10_s_under_load_gives_no_5xx(redis_gateway, own_redis, caplog):
     plain = limited_key(redis_gateway, budget_usd=Decimal("100"), rpm_limit=100_000)
+    from routing.runtime import runtime
+
     outage_s = 10
-    states = []
+    states, reasons = [], []
 
     async def scenario():
         started = time.monotonic()
@@ -205,10 +207,12 @@ def test_redis_stopped_for_10_s_under_load_gives_no_5xx(redis_gateway, own_redis
         await asyncio.to_thread(own_redis.stop)
         await asyncio.sleep(outage_s / 2)
         states.append(counter_state())
+        reasons.append(runtime.counters.fallback_reason())
         await asyncio.sleep(outage_s / 2)
         await asyncio.to_thread(own_redis.start)
         await asyncio.sleep(2.5)
         states.append(counter_state())
+        reasons.append(runtime.counters.fallback_reason())
         return await load
 
     with caplog.at_level(logging.WARNING, logger="keyaos.limits"):
@@ -220,7 +224,9 @@ def test_redis_stopped_for_10_s_under_load_gives_no_5xx(redis_gateway, own_redis
     assert len(responses) > 100
     during, after = states
     assert (during.backend, during.degraded) == ("local", True)
+    assert during.error.startswith("ConnectionError")
     assert (after.backend, after.degraded) == ("redis", False)
+    assert reasons[0].startswith("Redis unreachable since ") and reasons[1] is None
     unreachable = [r for r in caplog.records if "Redis is unreachable" in r.getMessage()]
     assert len(unreachable) == 1
     redis_gateway.flush_ledger()
