@@ -11,7 +11,7 @@ import pytest
 
 from billing.models import ApiKey, LedgerEntry
 from tests.factories import make_key, make_offer, make_provider
-from tests.fake_upstream import chat_completion
+from tests.payloads import chat_completion
 
 MODEL = "openai/gpt-4o-mini"
 MESSAGES = '[{"role": "user", "content": "x"}]'
