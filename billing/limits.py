@@ -302,3 +302,25 @@ def _rate_limited(limit: str, retry_after_s: int) -> LimitExceeded:
         type="rate_limit_error",
         retry_after_s=retry_after_s,
     )
+
+
+class CostCalibration:
+    """Per offer, how what its upstream reports as cost compares with the list price of the same
+    usage, over the answers this process has seen: an upstream that bills 1.5 times list is
+    estimated at 1.5 times, so a reservation covers what the request will really be charged."""
+
+    def __init__(self) -> None:
+        self._sums: dict[int, tuple[Decimal, Decimal]] = {}
+
+    def observe(self, offer_id: int, *, reported_usd: Decimal, list_usd: Decimal) -> None:
+        if reported_usd < 0 or list_usd <= 0:
+            return
+        reported, listed = self._sums.get(offer_id, (Decimal(0), Decimal(0)))
+        self._sums[offer_id] = (reported + reported_usd, listed + list_usd)
+
+    def ratio(self, offer_id: int) -> Decimal:
+        """Reported over list cost so far; 1 before the first reported cost."""
+        sums = self._sums.get(offer_id)
+        if sums is None:
+            return Decimal(1)
+        return sums[0] / sums[1]

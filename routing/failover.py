@@ -24,8 +24,9 @@ import httpx
 from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 
+from billing.costs import tokens_cost
 from billing.currency import usd_per_unit
-from billing.limits import Reservation, admit, persisted_spend, settle
+from billing.limits import Reservation, admit, cover, persisted_spend, settle
 from billing.models import LedgerEntry
 from billing.recorder import AttemptRecord, RequestRecord
 from billing.usage import Usage, estimate_usage
@@ -132,9 +133,10 @@ class Exchange:
         if not decision.candidates and not decision.last_resort:
             raise no_candidate(decision.refusal)
         self.decision = decision
-        await self._admit((decision.candidates or decision.last_resort)[0])
+        await self._admit(decision)
         failures: list[AttemptFailure] = []
         for candidate, started in attempt_order(self.runtime.board, decision):
+            await self._cover(candidate)
             result = await self._attempt(candidate, started)
             if isinstance(result, Answer):
                 return result
@@ -208,6 +210,7 @@ class Exchange:
         self._release()
         if outcome == Outcome.OK and self.chosen is not None:
             self._remember_session(record.usage)
+            self._calibrate(record.usage)
         self.runtime.submit(record)
         if self.reservation is not None:
             cost = record.cost()
@@ -330,17 +333,43 @@ class Exchange:
         if self.client.limits is not None:
             self.client.limits.check_model(self.request.model, decision.model)
 
-    async def _admit(self, top: Candidate) -> None:
-        """Count the request against the key's rates and reserve its estimated cost."""
+    async def _admit(self, decision: Decision) -> None:
+        """Count the request against the key's rates and reserve its estimated cost: the dearest
+        of the candidates it may try, so that failing over rarely needs more (``_cover``)."""
         limits = self.client.limits
         if limits is None or not limits.metered:
             return
         self.reservation = await admit(
             self.runtime.counters,
             limits,
-            estimated_cost_usd=top.estimated_cost_usd,
+            estimated_cost_usd=max(
+                self._expected_charge(candidate)
+                for candidate in (decision.candidates or decision.last_resort)[
+                    : settings.KEYAOS_MAX_ATTEMPTS
+                ]
+            ),
             estimated_tokens=self.request.prompt_tokens,
             load_spent=db_task(persisted_spend),
+        )
+
+    async def _cover(self, candidate: Candidate) -> None:
+        """Before an attempt: the budget reservation grows to this candidate's estimate, or the
+        request stops here with the budget error (LimitExceeded) when that no longer fits."""
+        if self.reservation is not None:
+            await cover(self.runtime.counters, self.reservation, self._expected_charge(candidate))
+
+    def _expected_charge(self, candidate: Candidate) -> Decimal:
+        return candidate.estimated_cost_usd * self.runtime.calibration.ratio(candidate.offer.id)
+
+    def _calibrate(self, usage: Usage) -> None:
+        """What the upstream reported against the list price of the same usage."""
+        record = self.record
+        if usage.reported_cost is None or record.prices is None:
+            return
+        self.runtime.calibration.observe(
+            self.chosen.offer.id,
+            reported_usd=usage.reported_cost,
+            list_usd=tokens_cost(usage, record.prices) * record.usd_per_unit,
         )
 
     def _settle(self, *, cost_usd: Decimal, tokens: int) -> None:

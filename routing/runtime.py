@@ -17,6 +17,7 @@ from django.core.exceptions import ImproperlyConfigured
 from httpx_aiohttp import AiohttpTransport
 
 from billing.counters import Counters
+from billing.limits import CostCalibration
 from billing.recorder import LedgerWriter, RequestRecord
 from keyaos.lib.db import db_task
 from routing.dispatcher import InFlight
@@ -37,6 +38,7 @@ class Runtime:
         self.board = HealthBoard()
         self.ledger = LedgerWriter()
         self.counters = new_counters()
+        self.calibration = CostCalibration()
         self.in_flight = InFlight()
         self.sessions = SessionMemory()
         self.client: httpx.AsyncClient | None = None

@@ -17,8 +17,8 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from billing.counters import Counters
-from billing.limits import KeyLimits, LimitExceeded, admit, settle
+from billing.counters import BUDGET_REFUSED, Admission, Counters
+from billing.limits import KeyLimits, LimitExceeded, admit, cover, release, settle
 from billing.models import ApiKey, LedgerEntry
 from tests.factories import make_world
 from tests.fake_upstream import free_port
@@ -231,3 +231,36 @@ def test_redis_stopped_for_10_s_under_load_gives_no_5xx(redis_gateway, own_redis
     assert len(unreachable) == 1
     redis_gateway.flush_ledger()
     assert LedgerEntry.objects.filter(status_code=200).count() == len(responses)
+
+
+@pytest.mark.parametrize("store", ["local", "redis"])
+def test_a_reservation_grows_to_a_dearer_attempt_only_while_it_fits(own_redis, store):
+    limits = KeyLimits(key_id=7, budget_usd=Decimal("0.01"))
+
+    async def load_spent(*_args):
+        return Decimal("0.004")
+
+    async def failover():
+        counters = Counters(own_redis.url if store == "redis" else "")
+        ask = {"estimated_tokens": 10, "load_spent": load_spent}
+        first = await admit(counters, limits, estimated_cost_usd=Decimal("0.001"), **ask)
+        second = await admit(counters, limits, estimated_cost_usd=Decimal("0.001"), **ask)
+        await cover(counters, first, Decimal("0.003"))  # 0.004 + 0.003 + 0.001 fits in 0.01
+        with pytest.raises(LimitExceeded) as refused:
+            await cover(counters, second, Decimal("0.004"))  # 0.008 + 0.003 would not
+        reserved = (first.reserved_nanos, second.reserved_nanos)
+        await settle(counters, first, cost_usd=Decimal("0.0025"), tokens=10)
+        await release(counters, second)
+        total = await counters.admit(
+            Admission(window_ttl_s=120, budget_key="budget:7:all", budget_nanos=0)
+        )
+        await counters.close()
+        return refused.value, reserved, total
+
+    refusal, reserved, (verdict, _) = asyncio.run(failover())
+
+    assert refusal.code == "budget_exceeded"
+    assert reserved == (3_000_000, 1_000_000)
+    assert verdict == BUDGET_REFUSED  # the counter still exists, at 0.004 + 0.0025
+    if store == "redis":
+        assert own_redis.get("keyaos:limits:budget:7:all") == "6500000"
