@@ -11,8 +11,9 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
-from django.urls import path
+from django.urls import path, reverse
 from django.utils import timezone
+from django.utils.html import format_html
 
 from billing.limits import parse_networks, split_list
 from billing.models import (
@@ -24,7 +25,15 @@ from billing.models import (
     LedgerEntry,
 )
 from billing.selectors import ledger_totals, recent_spend
-from keyaos.admin_format import exact_amount, plain_amount, relative_time, spend_summary
+from keyaos.admin_format import (
+    exact_amount,
+    format_usd,
+    plain_amount,
+    relative_time,
+    seconds,
+    short_amount,
+    spend_summary,
+)
 from keyaos.admin_mixins import AddFormMixin, EnableActionsMixin, ReadOnlyAdminMixin, ReadOnlyInline
 
 
@@ -212,18 +221,32 @@ class RequestedModelFilter(admin.SimpleListFilter):
         return queryset.filter(requested_model=self.value())
 
 
+class ClientKeyFilter(admin.RelatedFieldListFilter):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.title = "client key"
+
+
 class AttemptInline(ReadOnlyInline):
+    """Each upstream try in order: who was asked, what came back, why the next was tried."""
+
     model = Attempt
-    fields = (
-        "number",
-        "provider",
-        "upstream_key",
-        "upstream_model",
-        "status_code",
-        "failure",
-        "error",
-        "duration_ms",
-    )
+    fields = ("try_number", "upstream_key", "upstream_model", "answer", "error", "took")
+    verbose_name = "upstream attempt"
+    verbose_name_plural = "upstream attempts, in order"
+
+    @admin.display(description="#")
+    def try_number(self, attempt: Attempt) -> int:
+        return attempt.number
+
+    @admin.display(description="answer")
+    def answer(self, attempt: Attempt) -> str:
+        status = attempt.status_code or "no answer"
+        return f"{status} ({attempt.failure})" if attempt.failure else str(status)
+
+    @admin.display(description="took")
+    def took(self, attempt: Attempt) -> str:
+        return f"{attempt.duration_ms:,} ms"
 
     def get_queryset(self, request: HttpRequest):
         return super().get_queryset(request).select_related("provider", "upstream_key__provider")
@@ -266,26 +289,79 @@ class _Echo:
 
 @admin.register(LedgerEntry)
 class LedgerEntryAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    class Media:
+        css = {"all": ["keyaos/dashboard.css"]}
+
     change_list_template = "admin/billing/ledgerentry/change_list.html"
     list_display = (
-        "created_at",
-        "api_key",
+        "when",
+        "client_key",
         "requested_model",
-        "provider",
-        "upstream_key",
-        "outcome",
-        "status_code",
-        "streamed",
+        "served_by",
+        "result",
+        "attempt_count",
         "tokens",
-        "usage_source",
-        "cost_usd",
-        "latency_ms",
+        "cost_in_currency",
+        "latency",
+    )
+    list_display_links = ("when",)
+    fieldsets = (
+        (
+            "Request",
+            {
+                "fields": (
+                    ("request_id", "exact_time", "client_key"),
+                    ("endpoint", "requested_model", "stream"),
+                )
+            },
+        ),
+        (
+            "Answer",
+            {
+                "fields": (
+                    ("outcome", "status_code", "attempts"),
+                    ("provider", "upstream_key", "upstream_model"),
+                    "error",
+                )
+            },
+        ),
+        (
+            "Tokens",
+            {
+                "fields": (
+                    ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"),
+                    "usage_source",
+                )
+            },
+        ),
+        (
+            "Cost (every stored digit)",
+            {
+                "fields": (
+                    ("exact_cost", "cost_source", "rate"),
+                    ("exact_cost_usd", "exact_list_cost"),
+                )
+            },
+        ),
+        ("Timing", {"fields": (("total_time", "first_byte", "gateway_overhead"),)}),
+    )
+    readonly_fields = (
+        "exact_time",
+        "client_key",
+        "stream",
+        "exact_cost",
+        "rate",
+        "exact_cost_usd",
+        "exact_list_cost",
+        "total_time",
+        "first_byte",
+        "gateway_overhead",
     )
     list_filter = (
         "created_at",
         "provider",
         RequestedModelFilter,
-        "api_key",
+        ("api_key", ClientKeyFilter),
         "upstream_key",
         "outcome",
         "streamed",
@@ -298,8 +374,89 @@ class LedgerEntryAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     inlines = [AttemptInline]
 
     @admin.display(description="tokens")
-    def tokens(self, entry: LedgerEntry) -> int:
-        return entry.total_tokens
+    def tokens(self, entry: LedgerEntry) -> str:
+        return f"{entry.total_tokens:,}"
+
+    @admin.display(description="time", ordering="created_at")
+    def when(self, entry: LedgerEntry) -> str:
+        return seconds(entry.created_at)
+
+    @admin.display(description="time")
+    def exact_time(self, entry: LedgerEntry) -> str:
+        return f"{seconds(entry.created_at)} ({timezone.get_current_timezone_name()})"
+
+    @admin.display(description="served by", ordering="provider__slug")
+    def served_by(self, entry: LedgerEntry) -> str:
+        if entry.upstream_key is not None:
+            return str(entry.upstream_key)
+        return entry.provider.slug if entry.provider else "-"
+
+    @admin.display(description="result", ordering="status_code")
+    def result(self, entry: LedgerEntry) -> str:
+        css = "kd-good" if entry.outcome == LedgerEntry.Outcome.OK else "kd-bad"
+        return format_html(
+            '<span class="{}">{}</span> {}', css, entry.get_outcome_display(), entry.status_code
+        )
+
+    @admin.display(description="attempts", ordering="attempts")
+    def attempt_count(self, entry: LedgerEntry) -> str:
+        if entry.attempts <= 1:
+            return str(entry.attempts)
+        return format_html('<strong title="failed over">{}</strong>', entry.attempts)
+
+    @admin.display(description="cost", ordering="cost_usd")
+    def cost_in_currency(self, entry: LedgerEntry) -> str:
+        return format_html(
+            '<span title="{} = {}">{}</span>',
+            exact_amount(entry.cost, entry.currency),
+            exact_amount(entry.cost_usd, "USD"),
+            short_amount(entry.cost, entry.currency),
+        )
+
+    @admin.display(description="latency", ordering="latency_ms")
+    def latency(self, entry: LedgerEntry) -> str:
+        return f"{entry.latency_ms:,} ms"
+
+    @admin.display(description="client key", ordering="api_key__name")
+    def client_key(self, entry: LedgerEntry) -> str:
+        if entry.api_key is None:
+            return "-"
+        url = reverse("admin:billing_apikey_change", args=[entry.api_key_id])
+        return format_html(
+            '<a href="{}" title="{}">{}</a>', url, entry.api_key.prefix, entry.api_key.name
+        )
+
+    @admin.display(description="streamed")
+    def stream(self, entry: LedgerEntry) -> str:
+        return "yes (server-sent events)" if entry.streamed else "no (one JSON answer)"
+
+    @admin.display(description="cost")
+    def exact_cost(self, entry: LedgerEntry) -> str:
+        return exact_amount(entry.cost, entry.currency)
+
+    @admin.display(description="exchange rate")
+    def rate(self, entry: LedgerEntry) -> str:
+        return f"1 {entry.currency} = {plain_amount(entry.usd_per_unit)} USD"
+
+    @admin.display(description="cost in USD (after the key's multiplier)")
+    def exact_cost_usd(self, entry: LedgerEntry) -> str:
+        return exact_amount(entry.cost_usd, "USD")
+
+    @admin.display(description="at list price, in USD")
+    def exact_list_cost(self, entry: LedgerEntry) -> str:
+        return exact_amount(entry.list_cost_usd, "USD")
+
+    @admin.display(description="total time")
+    def total_time(self, entry: LedgerEntry) -> str:
+        return f"{entry.latency_ms:,} ms"
+
+    @admin.display(description="time to first byte")
+    def first_byte(self, entry: LedgerEntry) -> str:
+        return "-" if entry.ttfb_ms is None else f"{entry.ttfb_ms:,} ms"
+
+    @admin.display(description="gateway overhead")
+    def gateway_overhead(self, entry: LedgerEntry) -> str:
+        return "-" if entry.overhead_ms is None else f"{plain_amount(entry.overhead_ms)} ms"
 
     def get_urls(self):
         export = path(
@@ -320,6 +477,22 @@ class LedgerEntryAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
                 "cost_usd": plain_amount(totals.cost_usd),
                 "list_cost_usd": plain_amount(totals.list_cost_usd),
                 "savings_usd": plain_amount(totals.savings_usd),
+            }
+            context["shown_totals"] = {
+                "requests": f"{totals.requests:,}",
+                "tokens": f"{totals.tokens:,}",
+                **{
+                    name: format_html(
+                        '<span title="{}">{}</span>',
+                        exact_amount(amount, "USD"),
+                        format_usd(amount),
+                    )
+                    for name, amount in (
+                        ("cost_usd", totals.cost_usd),
+                        ("list_cost_usd", totals.list_cost_usd),
+                        ("savings_usd", totals.savings_usd),
+                    )
+                },
             }
             context["export_query"] = request.GET.urlencode()
         return response

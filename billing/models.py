@@ -266,7 +266,7 @@ class Attempt(models.Model):
         ordering = ["entry", "number"]
 
     def __str__(self) -> str:
-        return f"attempt {self.number} of {self.entry_id}"
+        return f"attempt {self.number}"
 
 
 class DailyUsageQuerySet(models.QuerySet):

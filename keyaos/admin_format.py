@@ -35,6 +35,11 @@ def relative_time(value: datetime | None) -> str:
     return format_html('<span title="{}">{}</span>', exact, naturaltime(value))
 
 
+def seconds(value: datetime | None) -> str:
+    """A time to the second in the current time zone: ``2026-12-01 09:41:07``."""
+    return "-" if value is None else f"{timezone.localtime(value):%Y-%m-%d %H:%M:%S}"
+
+
 def plain_amount(value: Decimal | None, min_places: int = 2) -> str:
     """``2.0000000000`` as ``2.00``, ``0.0000001800`` as ``0.00000018``: no E-notation."""
     if value is None:

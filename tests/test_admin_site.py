@@ -38,3 +38,8 @@ def test_the_task_queue_is_one_tasks_link_not_a_block_of_lists(admin_client):
 def test_lists_have_no_navigation_sidebar(admin_client):
     page = admin_client.get(reverse("admin:billing_ledgerentry_changelist")).content.decode()
     assert 'id="nav-sidebar"' not in page
+
+
+def test_the_model_page_breadcrumbs_use_the_admins_styled_list(admin_client):
+    page = admin_client.get(reverse("admin:model", args=["vendor/model"])).content.decode()
+    assert '<ol class="breadcrumbs">' in page and '<div class="breadcrumbs">' not in page

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from billing.models import CurrencyRate, LedgerEntry
+from billing.models import ApiKey, Attempt, CurrencyRate, LedgerEntry
 from billing.selectors import day_start
 from providers import background
 from providers.models import PriceHistory, RefreshResult, RefreshRun, UpstreamKey
@@ -191,6 +191,7 @@ def traffic():
     )
 
     rng = random.Random(5)
+    clients = [ApiKey.create_key(name=name)[0] for name in ("web-app", "ci", "laptop")]
     today = timezone.localdate()
     served = [
         ("openrouter", "anthropic/claude-sonnet-4", 6),
@@ -213,6 +214,9 @@ def traffic():
                 if slug == "deepseek":
                     list_usd *= Decimal("0.14")
                 ok = rng.random() > 0.04
+                cost_usd = (list_usd * keys[slug].multiplier).quantize(Decimal("1e-10"))
+                rate = Decimal("0.14") if slug == "deepseek" else Decimal(1)
+                latency_ms = rng.randint(400, 9000) if ok else rng.randint(50, 900)
                 rows.append(
                     LedgerEntry(
                         request_id=f"req-{len(rows)}",
@@ -220,6 +224,7 @@ def traffic():
                         + timedelta(minutes=rng.randint(0, 600)),
                         provider=providers[slug],
                         upstream_key=keys[slug],
+                        api_key=rng.choice(clients),
                         requested_model=model,
                         upstream_model=offer.upstream_model_id,
                         endpoint="chat/completions",
@@ -230,9 +235,13 @@ def traffic():
                         usage_source=LedgerEntry.UsageSource.REPORTED,
                         prompt_tokens=prompt if ok else 0,
                         completion_tokens=completion if ok else 0,
-                        cost_usd=(list_usd * keys[slug].multiplier).quantize(Decimal("1e-10"))
-                        if ok
-                        else 0,
+                        cost_usd=cost_usd if ok else 0,
+                        cost=(cost_usd / rate).quantize(Decimal("1e-10")) if ok else 0,
+                        currency=providers[slug].currency,
+                        usd_per_unit=rate,
+                        attempts=1,
+                        latency_ms=latency_ms,
+                        ttfb_ms=rng.randint(150, min(latency_ms, 1500)) if ok else None,
                         list_cost_usd=list_usd.quantize(Decimal("1e-10")) if ok else 0,
                     )
                 )
@@ -421,3 +430,58 @@ def test_an_operator_reaches_a_working_request_from_the_admin_alone(
     browser.get(admin_server + "/admin/providers/upstreamkey/")
     row = browser.find_element(By.ID, "result_list").text
     assert "OK" in row and "8.50 USD" in row  # 10 - 1.5 credits, less the request
+
+
+OPERATOR_PAGES = {
+    "dashboard": "/admin/",
+    "ledger-list": "/admin/billing/ledgerentry/",
+    "ledger-entry": "/admin/billing/ledgerentry/{entry}/change/",
+    "key-list": "/admin/providers/upstreamkey/",
+    "key-page": "/admin/providers/upstreamkey/{key}/change/",
+    "provider-list": "/admin/providers/provider/",
+    "model-page": f"/admin/models/{MODEL}/",
+}
+
+
+def test_every_operator_page_fits_a_1400_px_window(
+    admin_server, browser, operator, traffic, tmp_path
+):
+    entry = LedgerEntry.objects.filter(outcome=LedgerEntry.Outcome.OK).first()
+    Attempt.objects.create(
+        entry=entry,
+        number=1,
+        provider=entry.provider,
+        upstream_model=entry.upstream_model,
+        status_code=429,
+        failure="rate_limited",
+        error="HTTP 429: slow down",
+        duration_ms=140,
+    )
+    Attempt.objects.create(
+        entry=entry,
+        number=2,
+        provider=entry.provider,
+        upstream_key=entry.upstream_key,
+        upstream_model=entry.upstream_model,
+        status_code=200,
+        duration_ms=entry.latency_ms,
+    )
+    LedgerEntry.objects.filter(pk=entry.pk).update(attempts=2, latency_ms=1834, ttfb_ms=412)
+    key = UpstreamKey.objects.get(label="old")
+    log_in(browser, admin_server)
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 1400, "height": 1000, "deviceScaleFactor": 1, "mobile": False},
+    )
+    shots = {}
+    for name, path in OPERATOR_PAGES.items():
+        browser.get(admin_server + path.format(entry=entry.pk, key=key.pk))
+        width = browser.execute_script("return document.documentElement.scrollWidth")
+        assert width <= 1400, f"{name} is {width} px wide"
+        shots[name] = tmp_path / f"{name}.png"
+        browser.save_screenshot(str(shots[name]))
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    if os.environ.get("KEYAOS_SCREENSHOTS") == "docs":
+        DOCS.mkdir(exist_ok=True)
+        for name, shot in shots.items():
+            shutil.copy(shot, DOCS / f"{name}.png")
