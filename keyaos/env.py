@@ -6,6 +6,8 @@ default that would hide the mistake.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import secrets
 from decimal import Decimal, InvalidOperation
@@ -103,3 +105,16 @@ def read_or_create_state_file(path: Path, generate) -> str:
 
 def generate_secret_key() -> str:
     return secrets.token_urlsafe(50)
+
+
+def generate_fernet_key() -> str:
+    """What ``Fernet.generate_key()`` makes, without importing ``cryptography`` at start-up."""
+    return base64.urlsafe_b64encode(os.urandom(32)).decode()
+
+
+def is_fernet_key(key: str) -> bool:
+    """The check ``Fernet(key)`` makes: 32 bytes, url-safe base64."""
+    try:
+        return len(base64.urlsafe_b64decode(key.encode())) == 32
+    except (binascii.Error, ValueError):
+        return False

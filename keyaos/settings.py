@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 
 import dj_database_url
-from cryptography.fernet import Fernet
 from django.core.exceptions import ImproperlyConfigured
 
 from keyaos.env import (
@@ -24,7 +23,9 @@ from keyaos.env import (
     env_int,
     env_list,
     env_str,
+    generate_fernet_key,
     generate_secret_key,
+    is_fernet_key,
     read_or_create_state_file,
 )
 from keyaos.lib.logs import logging_config
@@ -56,23 +57,19 @@ if len(SECRET_KEY) < 32:
 # Comma-separated Fernet keys: the first encrypts, every one decrypts (rotation: README).
 KEYAOS_ENCRYPTION_KEYS = [
     key.strip()
-    for key in _required_secret(
-        "KEYAOS_ENCRYPTION_KEYS", lambda: Fernet.generate_key().decode()
-    ).split(",")
+    for key in _required_secret("KEYAOS_ENCRYPTION_KEYS", generate_fernet_key).split(",")
     if key.strip()
 ]
 if not KEYAOS_ENCRYPTION_KEYS:
     raise ImproperlyConfigured("KEYAOS_ENCRYPTION_KEYS is empty.")
 for _index, _key in enumerate(KEYAOS_ENCRYPTION_KEYS):
-    try:
-        Fernet(_key)
-    except ValueError:
+    if not is_fernet_key(_key):
         raise ImproperlyConfigured(
             f"KEYAOS_ENCRYPTION_KEYS entry #{_index + 1} is not a valid Fernet key "
             "(32 url-safe base64-encoded bytes; make one with "
             "`python -c 'from cryptography.fernet import Fernet; "
             "print(Fernet.generate_key().decode())'`)."
-        ) from None
+        )
 
 # The reverse proxies whose X-Forwarded-For/-Proto headers `manage.py serve` lets uvicorn trust;
 # empty: none (the connection's peer address is the client's).

@@ -6,6 +6,8 @@ from django.views.generic import RedirectView
 
 from routing.api import api
 
+admin.autodiscover()
+
 
 def favicon(request: HttpRequest) -> HttpResponseRedirect:
     return HttpResponseRedirect(static("keyaos/favicon.svg"))

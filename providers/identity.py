@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from django.db import transaction
 from django.db.models.signals import post_delete, post_save
@@ -16,8 +17,10 @@ from django.dispatch import receiver
 from django.utils import timezone
 
 from keyaos.lib.signals import routing_data_changed
-from providers.adapters import CatalogEntry
 from providers.models import ModelAlias, ModelOffer, Provider, PublishedIdentity
+
+if TYPE_CHECKING:  # the adapters (httpx) load with the first refresh, not with every command
+    from providers.adapters import CatalogEntry
 
 IDENTITY_FIELDS = ["canonical_id", "identity_rule", "identity_note"]
 

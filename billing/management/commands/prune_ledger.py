@@ -1,11 +1,12 @@
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from billing.pruning import prune_ledger
+from keyaos.lib.commands import OperatorCommand
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = (
         "Delete ledger rows (and their attempts) older than DAYS days, after adding them to the "
         "daily totals (Billing > Daily usage), so spend per day, key and model is kept."

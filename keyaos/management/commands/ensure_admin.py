@@ -9,9 +9,10 @@ import secrets
 
 from django.contrib.auth import get_user_model, password_validation
 from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from keyaos.env import env_str
+from keyaos.lib.commands import OperatorCommand
 
 MIN_PASSWORD_LENGTH = 8
 
@@ -20,7 +21,7 @@ def generate_admin_password() -> str:
     return secrets.token_urlsafe(18)
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = (
         "Create a superuser from KEYAOS_ADMIN_USER (default 'admin'), KEYAOS_ADMIN_PASSWORD "
         "(generated and printed once when unset) and KEYAOS_ADMIN_EMAIL, unless one exists."

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from billing.currency import UnknownCurrency, usd_per_unit
+from keyaos.lib.commands import OperatorCommand
 from providers import services
 from providers.presets import PRESETS
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = "Add an upstream provider from a preset (openai-compatible: any other /v1 API)."
 
     def add_arguments(self, parser) -> None:

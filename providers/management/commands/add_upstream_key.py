@@ -4,13 +4,14 @@ import getpass
 import os
 import sys
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from keyaos.lib.commands import OperatorCommand
 from providers import services
 from providers.models import Provider
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = (
         "Add an upstream API key to a provider. The secret is read from standard input (or from "
         "the environment variable named by --secret-env), never from the command line."

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from keyaos.lib.commands import OperatorCommand
 from providers.models import RefreshResult, RefreshRun
 from providers.refresh import UnknownProvider, describe, refresh_providers
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = "Refresh the model catalog, prices and balances of every enabled provider."
 
     def add_arguments(self, parser) -> None:

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from keyaos.lib.commands import OperatorCommand
 from providers import services
 from providers.crypto import SecretDecryptionError
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = (
         "Re-encrypt every upstream secret with the first key of KEYAOS_ENCRYPTION_KEYS. Put the "
         "new key first, run this, then remove the old key."

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from keyaos.lib.commands import OperatorCommand
 from providers import services
 from providers.models import Provider
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = (
         "Set a model's price per 1M tokens in the provider's currency. A price set here is kept "
         "by every refresh."

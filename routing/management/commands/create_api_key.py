@@ -3,14 +3,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, time
 from decimal import Decimal, InvalidOperation
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils.dateparse import parse_date, parse_datetime
 
 from billing.limits import parse_networks, split_list
 from billing.models import ApiKey
+from keyaos.lib.commands import OperatorCommand
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = "Create a client API key for /v1. The key is printed once, as the last line."
 
     def add_arguments(self, parser) -> None:

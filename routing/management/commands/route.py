@@ -1,12 +1,13 @@
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from keyaos.lib.commands import OperatorCommand
 from routing.dispatcher import AmbiguousModel, ModelNotFound, ProviderPreferences
 from routing.explain import explain_route
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = "Explain how a request for MODEL would be routed: every candidate and every exclusion."
 
     def add_arguments(self, parser) -> None:
