@@ -16,6 +16,19 @@ def scheduled_refresh() -> str:
     return f"refreshed {providers} provider(s) in {run.duration_ms} ms, {run.error_count} error(s)"
 
 
+def first_refresh(slug: str) -> str:
+    """A new provider's first refresh, queued by ``manage.py add_provider``."""
+    run = refresh_providers(trigger=RefreshRun.Trigger.COMMAND, provider_slug=slug)
+    return run.summary()
+
+
+def queue_first_refresh(slug: str) -> None:
+    """Queue ``first_refresh`` for the task cluster (``make run`` runs it within seconds)."""
+    from django_q.tasks import async_task
+
+    async_task("providers.tasks.first_refresh", slug, task_name=f"first refresh of {slug}")
+
+
 def ensure_refresh_schedule() -> bool:
     """Keep the one refresh schedule's interval equal to KEYAOS_REFRESH_MINUTES.
 

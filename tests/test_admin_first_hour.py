@@ -168,3 +168,28 @@ class TestFirstRefreshInTheBackground:
         key = UpstreamKey.objects.get(provider=provider)
         assert key.health == UpstreamKey.Health.INVALID
         assert "401" in key.last_error
+
+
+@pytest.mark.django_db
+def test_add_provider_queues_the_first_refresh_and_says_so(fake_upstream):
+    from django_q.models import OrmQ
+    from django_q.signing import SignedPackage
+
+    out = StringIO()
+    call_command(
+        "add_provider",
+        "local",
+        preset="openai-compatible",
+        base_url=fake_upstream.url("local"),
+        stdout=out,
+    )
+    assert "first refresh (catalog, prices, balances) is queued" in out.getvalue()
+    (queued,) = OrmQ.objects.all()
+    task = SignedPackage.loads(queued.payload)
+    assert task["func"] == "providers.tasks.first_refresh" and task["args"] == ("local",)
+
+    serve_unpriced(fake_upstream, "local")
+    from providers.tasks import first_refresh
+
+    assert first_refresh("local").startswith("Refreshed 1 provider(s)")
+    assert Provider.objects.get(slug="local").offers.filter(upstream_model_id="llama3").exists()

@@ -48,6 +48,7 @@ def test_it_generates_a_strong_password_and_prints_it_once():
     match = re.search(r"Created admin user 'admin' with password: (\S+) ", output)
     assert match, output
     assert "shown once; change it in the admin" in output
+    assert "manage.py changepassword admin" in output  # the way back, where the password is
     password = match.group(1)
     assert len(password) >= 20
     assert User.objects.get(username="admin").check_password(password)

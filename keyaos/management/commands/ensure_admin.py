@@ -57,6 +57,10 @@ class Command(OperatorCommand):
                     "(shown once; change it in the admin)"
                 )
             )
+            self.stdout.write(
+                f"Lost it? `.venv/bin/python manage.py changepassword {username}` sets a new one "
+                "(this command never changes an existing admin's password)."
+            )
         else:
             self.stdout.write(f"Created admin user {username!r} from KEYAOS_ADMIN_PASSWORD.")
 

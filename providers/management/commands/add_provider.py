@@ -33,6 +33,14 @@ class Command(OperatorCommand):
             f"Added provider {provider.slug} ({provider.name}) at {provider.base_url}, "
             f"billing in {provider.currency}."
         )
+        from providers.tasks import queue_first_refresh
+
+        queue_first_refresh(provider.slug)
+        self.stdout.write(
+            "Its first refresh (catalog, prices, balances) is queued: the task cluster of "
+            "`make run` runs it within seconds (`manage.py refresh_models --provider "
+            f"{provider.slug}` runs it now). Add its key with add_upstream_key."
+        )
         seeded = provider.offers.count()
         if seeded:
             self.stdout.write(f"Seeded {seeded} manual price(s); change them with set_price.")
