@@ -89,6 +89,9 @@ def describe_candidate(candidate: Candidate) -> str:
         line += f"; in flight {candidate.in_flight.normalize():f} {prices.currency}"
     if key.balance is not None:
         line += f"; balance {key.balance.normalize():f} {prices.currency}"
+    if offer.provider.native:
+        protocols = ", ".join(name for name, _ in offer.provider.native)
+        line += f"; speaks {protocols} natively (those requests pass through untranslated)"
     return line
 
 

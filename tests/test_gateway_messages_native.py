@@ -159,3 +159,13 @@ def test_the_deepseek_preset_speaks_messages_at_its_anthropic_endpoint():
 
     fields = PRESETS["deepseek"].provider_fields()
     assert fields["native_protocols"] == {"anthropic": "https://api.deepseek.com/anthropic/v1"}
+
+
+def test_manage_py_route_says_which_candidates_take_messages_untranslated(world):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    out = StringIO()
+    call_command("route", MODEL, stdout=out)
+    assert "speaks anthropic natively" in out.getvalue()
