@@ -610,6 +610,12 @@ class PricedFilter(admin.SimpleListFilter):
 
 
 class ModelOfferForm(forms.ModelForm):
+    create_anyway = forms.BooleanField(
+        required=False,
+        label="Create anyway",
+        help_text="Add this native id although the provider's catalog does not list it.",
+    )
+
     class Meta:
         model = ModelOffer
         fields = (
@@ -639,6 +645,17 @@ class ModelOfferForm(forms.ModelForm):
             price = data.get(name)
             if price is not None and price < 0:
                 self.add_error(name, "A price cannot be negative.")
+        provider, model = data.get("provider"), data.get("upstream_model_id")
+        if provider and model and "upstream_model_id" in self.changed_data:
+            try:
+                data["upstream_model_id"] = services.native_model_id(
+                    provider,
+                    model,
+                    create=data.get("create_anyway", False),
+                    create_hint="tick 'Create anyway'",
+                )
+            except services.SetupError as error:
+                self.add_error("upstream_model_id", str(error))
         return data
 
 
@@ -695,6 +712,12 @@ class ModelOfferAdmin(admin.ModelAdmin):
 
     def get_changelist(self, request: HttpRequest, **kwargs):
         return OfferChangeList
+
+    def get_fieldsets(self, request: HttpRequest, obj=None):
+        if obj is not None:
+            return self.fieldsets
+        (name, options), *rest = self.fieldsets
+        return ((name, {**options, "fields": (*options["fields"], "create_anyway")}), *rest)
 
     def get_inlines(self, request: HttpRequest, obj):
         return self.inlines if obj is not None else []

@@ -6,6 +6,7 @@ price, the seeding of DeepSeek's prices) holds the same whichever way the operat
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from decimal import Decimal, InvalidOperation
@@ -207,6 +208,45 @@ def replace_upstream_secret(*, key: UpstreamKey, secret: str) -> None:
         setattr(key, name, value)
 
 
+def native_model_id(
+    provider: Provider, model: str, *, create: bool = False, create_hint: str = "use --create"
+) -> str:
+    """The provider's own id for ``model``: its native id (any casing) or the canonical id one
+    of its offers serves. An id the provider's catalog does not list is refused, with the close
+    matches, unless ``create`` (a provider whose catalog lists no models): an offer under an id
+    the upstream rejects would fail every request routed to it."""
+    model = model.strip()
+    if not model:
+        raise SetupError("The model id is empty.")
+    known = dict(provider.offers.values_list("upstream_model_id", "canonical_id"))
+    if model in known:
+        return model
+    lowered = model.lower()
+    natives = sorted({native for native in known if native.lower() == lowered})
+    natives = natives or sorted(n for n, canonical in known.items() if canonical == lowered)
+    if len(natives) == 1:
+        return natives[0]
+    if natives:
+        raise SetupError(
+            f"{model!r} names several models of {provider.slug}: {', '.join(natives)}. "
+            "Give the provider's own id."
+        )
+    if create:
+        return model
+    candidates = list(known) + sorted(set(known.values()))
+    close = difflib.get_close_matches(model, candidates, n=5, cutoff=0.5)
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    listed = (
+        f"its last catalog lists {len(known)} model(s)"
+        if known
+        else "it has no catalog yet (refresh it first)"
+    )
+    raise SetupError(
+        f"{provider.slug} does not list the model {model!r}; {listed}.{hint} "
+        f"To add it anyway (a provider whose catalog lists no models), {create_hint}."
+    )
+
+
 @transaction.atomic
 def set_price(
     *,
@@ -215,11 +255,12 @@ def set_price(
     input_per_mtok: Decimal,
     output_per_mtok: Decimal,
     cached_input_per_mtok: Decimal | None = None,
+    create: bool = False,
 ) -> ModelOffer:
-    """Set an offer's price per 1M tokens in the provider's currency; a refresh keeps it."""
-    model = model.strip()
-    if not model:
-        raise SetupError("The model id is empty.")
+    """Set an offer's price per 1M tokens in the provider's currency; a refresh keeps it.
+
+    ``model`` may be the canonical id: the price goes to the provider's native offer of it."""
+    model = native_model_id(provider, model, create=create)
     for what, price in [
         ("The input price", input_per_mtok),
         ("The output price", output_per_mtok),

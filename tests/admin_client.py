@@ -40,6 +40,7 @@ def admin_catalog(openrouter: Provider) -> dict[str, object]:
         model="deepseek/deepseek-chat",
         input_per_mtok=Decimal("0.28"),
         output_per_mtok=Decimal("0.42"),
+        create=True,  # no catalog fetched in these tests
     )
     run = RefreshRun.objects.create(trigger=RefreshRun.Trigger.COMMAND, duration_ms=12)
     RefreshResult.objects.create(run=run, provider=openrouter, provider_slug="openrouter")

@@ -137,6 +137,7 @@ class TestModelOfferAdmin:
             {
                 "provider": openrouter.pk,
                 "upstream_model_id": "Vendor/Model-X",
+                "create_anyway": "on",  # the provider has no catalog here
                 "canonical_id": "",
                 "kind": "chat",
                 "active": "on",

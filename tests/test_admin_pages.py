@@ -78,6 +78,7 @@ class TestPagesRender:
                 model="m",
                 input_per_mtok=Decimal(1),
                 output_per_mtok=Decimal(2),
+                create=True,
             )
 
         assert queries_for(admin_client, url) == few

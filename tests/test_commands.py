@@ -235,6 +235,7 @@ class TestSetPrice:
             "1.10",
             "--cached-input",
             "0.07",
+            "--create",  # no seeded prices and no catalog yet
         )
 
         offer = ModelOffer.objects.get(provider__slug="deepseek-usd")
@@ -279,7 +280,7 @@ class TestSetPrice:
         provider = Provider.objects.get(slug="local")
         provider.aliases.create(upstream_model_id="qwen3:8b", canonical_id="qwen/qwen3-8b")
 
-        run("set_price", "local", "qwen3:8b", "--input", "0", "--output", "0")
+        run("set_price", "local", "qwen3:8b", "--input", "0", "--output", "0", "--create")
 
         assert provider.offers.get().canonical_id == "qwen/qwen3-8b"
 

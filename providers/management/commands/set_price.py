@@ -15,10 +15,19 @@ class Command(OperatorCommand):
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("provider", help="The provider's slug.")
-        parser.add_argument("model", help="The provider's own model id, e.g. deepseek-chat.")
+        parser.add_argument(
+            "model",
+            help="The provider's own model id (deepseek-chat) or the canonical id it serves "
+            "(deepseek/deepseek-chat).",
+        )
         parser.add_argument("--input", required=True, help="Input (prompt) price per 1M tokens.")
         parser.add_argument("--output", required=True, help="Output price per 1M tokens.")
         parser.add_argument("--cached-input", help="Cached input price per 1M tokens.")
+        parser.add_argument(
+            "--create",
+            action="store_true",
+            help="Add the model even though the provider's catalog does not list it.",
+        )
 
     def handle(self, *args, **options) -> None:
         provider = Provider.objects.filter(slug=options["provider"]).first()
@@ -34,6 +43,7 @@ class Command(OperatorCommand):
                 input_per_mtok=services.parse_amount(options["input"], what="--input"),
                 output_per_mtok=services.parse_amount(options["output"], what="--output"),
                 cached_input_per_mtok=cached,
+                create=options["create"],
             )
         except services.SetupError as exc:
             raise CommandError(str(exc)) from None
