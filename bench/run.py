@@ -205,7 +205,7 @@ def seed(bench: Bench) -> None:
     )
     client_key = manage(bench, "create_api_key", "bench")
     finish(provider)
-    price = manage(bench, "set_price", PROVIDER, MODEL, "--input", "1", "--output", "2")
+    price = manage(bench, "set_price", PROVIDER, MODEL, "--input", "1", "--output", "2", "--create")
     upstream_key = manage(bench, "add_upstream_key", PROVIDER, "--label", "bench", stdin="")
     finish(upstream_key, UPSTREAM_SECRET + "\n")
     finish(price)
