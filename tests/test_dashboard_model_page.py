@@ -9,7 +9,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from billing.models import CurrencyRate
-from providers.models import PriceHistory, UpstreamKey
+from providers.models import ModelOffer, PriceHistory, UpstreamKey
 from tests.factories import make_key, make_offer, make_provider
 
 pytestmark = pytest.mark.django_db
@@ -144,3 +144,22 @@ def test_the_model_page_loads_nothing_from_another_host(admin_client, model):
     html = page(admin_client, model).content.decode()
 
     assert re.findall(r'(?:src|href)="(https?://[^"]*)"', html) == []
+
+
+def test_each_candidate_shows_its_identity_rule_fit_and_requests_in_flight(admin_client, model):
+    from routing.runtime import runtime
+
+    ModelOffer.objects.filter(provider__slug="deepseek").update(identity_rule="vendor")
+    cheap = UpstreamKey.objects.get(label="cheap")
+    runtime.in_flight.reserve(cheap.id, Decimal("0.5"))
+    try:
+        route = page(admin_client, model).context["route"]
+    finally:
+        runtime.in_flight.release(cheap.id, Decimal("0.5"))
+    rows = {row["key"].split()[0]: row for row in route.candidates}
+    assert rows["cheap"]["identity"] == "Provider's default vendor"
+    assert rows["main"]["identity"] == "Native id, lowercased"
+    assert rows["cheap"]["fit"].startswith("fits")
+    assert rows["cheap"]["in_flight"] == "0.5 CNY"
+    assert rows["main"]["in_flight"] == "-"
+    assert rows["main"]["cache_saving"] == "-"
