@@ -197,9 +197,12 @@ LOGGING = logging_config(log_format=KEYAOS_LOG_FORMAT, level=env_str("LOG_LEVEL"
 # Python's warnings would reach stderr as plain text: make them log records (JSON lines) too.
 logging.captureWarnings(KEYAOS_LOG_FORMAT == "json")
 
+# The task queue's broker: Redis when configured (shared by every machine's cluster), else the
+# database. The 5-minute schedule lives in the database either way; each cluster's scheduler
+# takes due schedules under SELECT ... FOR UPDATE, so several clusters run each refresh once.
 Q_CLUSTER = {
     "name": "keyaos",
-    "orm": "default",
+    **({"redis": REDIS_URL} if REDIS_URL else {"orm": "default"}),
     "workers": env_int("KEYAOS_Q_WORKERS", 1, minimum=1),
     "timeout": 240,
     "retry": 300,

@@ -53,6 +53,7 @@ class Served:
             "DATABASE_URL": database_url(),
             "KEYAOS_STATE_DIR": str(log_path.parent),
             "KEYAOS_SNAPSHOT_POLL_S": "0.2",
+            "KEYAOS_IDENTITY_SOURCE_URL": "",
             "PYTHONUNBUFFERED": "1",
             **environ,
         }

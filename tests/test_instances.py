@@ -1,0 +1,270 @@
+"""Two gateway instances, started as two machines would run them (``serve --no-qcluster`` each),
+on one PostgreSQL and one Redis: budgets, rate limits, cooldowns and configuration are shared.
+
+These need PostgreSQL and Redis: SQLite is one file on one machine (two machines cannot share it),
+and without ``REDIS_URL`` each process keeps its own counters and cooldowns by design.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from decimal import Decimal
+
+import httpx
+import pytest
+from django.core.cache import cache
+from django.utils import timezone
+
+from billing.models import ApiKey, LedgerEntry
+from keyaos.lib.signals import routing_data_changed
+from providers.models import ModelOffer, RefreshRun
+from tests.factories import make_client_key, make_key, make_offer, make_provider
+from tests.fake_upstream import Reply
+from tests.payloads import chat_completion
+from tests.served import BASE_DIR, Served, database_url, session_processes
+
+REDIS_URL = os.environ.get("REDIS_URL", "")
+MODEL = "openai/gpt-4o-mini"
+CHAT_PATH = "/openrouter/api/v1/chat/completions"
+SECRET_A = "sk-or-v1-" + "a" * 40
+SECRET_B = "sk-or-v1-" + "b" * 40
+
+
+def _redis_answers() -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.skipif(
+        not os.environ.get("DATABASE_URL", "").startswith("postgres"),
+        reason="two instances share one database: that needs PostgreSQL (DATABASE_URL); "
+        "an embedded SQLite file belongs to one machine",
+    ),
+    pytest.mark.skipif(
+        not REDIS_URL or not _redis_answers(),
+        reason="instances share counters and cooldowns through Redis: set REDIS_URL (.ci/run does)",
+    ),
+]
+
+
+@pytest.fixture
+def upstream(fake_upstream):
+    provider = make_provider("openrouter", fake_upstream.url("openrouter/api/v1"))
+    offer = make_offer(provider, MODEL, input="1000", output="2000")
+    make_key(provider, SECRET_A, label="cheap", multiplier=Decimal("0.5"))
+    return provider, offer
+
+
+@pytest.fixture
+def two_instances(tmp_path, upstream):
+    cache.clear()  # this test's Redis database: counters and cooldowns of earlier tests go
+    started = [
+        Served(tmp_path / f"instance-{n}.log", "--no-qcluster", REDIS_URL=REDIS_URL) for n in (1, 2)
+    ]
+    try:
+        for served in started:
+            served.wait_ready()
+        yield started
+    finally:
+        for served in started:
+            served.kill()
+
+
+def chat(served: Served, key: str, **body) -> httpx.Response:
+    payload = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **body}
+    with httpx.Client(timeout=30) as client:
+        return client.post(
+            served.url + "/v1/chat/completions",
+            json=payload,
+            headers={"Authorization": f"Bearer {key}"},
+        )
+
+
+def spread(instances: list[Served], key: str, count: int, **body) -> list[httpx.Response]:
+    with ThreadPoolExecutor(count) as pool:
+        return list(
+            pool.map(lambda n: chat(instances[n % len(instances)], key, **body), range(count))
+        )
+
+
+def wait_for(condition, timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def test_a_budget_shared_by_50_requests_over_two_instances_overspends_by_one_request_at_most(
+    two_instances, fake_upstream
+):
+    # Each answer costs what its reservation expects at most: 1 prompt and 10 completion tokens
+    # (max_tokens), 0.021 USD at list price, 0.0105 after the key's 0.5 multiplier.
+    fake_upstream.reply(
+        "POST",
+        CHAT_PATH,
+        json_body=chat_completion(MODEL, prompt_tokens=1, completion_tokens=10),
+        delay_s=0.3,
+    )
+    api_key, key = make_client_key("shared-budget")
+    ApiKey.objects.filter(pk=api_key.pk).update(budget_usd=Decimal("0.1"))
+    time.sleep(1)  # the snapshot poll (0.2 s) picks up the budget in both instances
+
+    answers = spread(two_instances, key, 50, max_tokens=10)
+
+    statuses = [answer.status_code for answer in answers]
+    assert set(statuses) <= {200, 429}, statuses
+    ok = statuses.count(200)
+    assert wait_for(lambda: LedgerEntry.objects.count() == 50)
+    spent = sum(LedgerEntry.objects.values_list("cost_usd", flat=True), Decimal(0))
+    one_request = Decimal("0.0105")
+    assert spent == ok * one_request
+    assert spent <= Decimal("0.1") + one_request, (ok, spent)
+    assert ok >= 9  # the budget was used, not refused early
+    refused = [a.json()["error"]["code"] for a in answers if a.status_code == 429]
+    assert set(refused) == {"budget_exceeded"}
+
+
+def test_an_rpm_limit_holds_across_both_instances(two_instances, fake_upstream):
+    fake_upstream.reply("POST", CHAT_PATH, json_body=chat_completion(MODEL), delay_s=0.05)
+    api_key, key = make_client_key("shared-rpm")
+    ApiKey.objects.filter(pk=api_key.pk).update(rpm_limit=10)
+    time.sleep(1)
+    # Windows are calendar minutes: start early in one so that all 30 requests fall in it.
+    wait_for(lambda: time.time() % 60 < 40, timeout_s=25)
+
+    answers = spread(two_instances, key, 30)
+
+    statuses = [answer.status_code for answer in answers]
+    assert statuses.count(200) == 10, statuses
+    assert statuses.count(429) == 20
+    assert {a.json()["error"]["code"] for a in answers if a.status_code == 429} == {
+        "rate_limit_exceeded"
+    }
+
+
+def test_a_429_cooldown_taken_on_one_instance_is_honoured_by_the_other_within_a_second(
+    two_instances, fake_upstream, upstream
+):
+    provider, _ = upstream
+    make_key(provider, SECRET_B, label="dear")
+
+    def answer(request):
+        if request.bearer == SECRET_A:
+            return Reply(
+                status=429,
+                json_body={"error": {"message": "slow down"}},
+                headers={"Retry-After": "60"},
+            )
+        return Reply(json_body=chat_completion(MODEL))
+
+    fake_upstream.handle("POST", CHAT_PATH, answer)
+    _, key = make_client_key("cooldown")
+    first, second = two_instances
+    time.sleep(1)  # both snapshots know the new keys
+
+    failed_over = chat(first, key)
+    assert failed_over.status_code == 200
+    assert failed_over.headers["x-keyaos-attempts"] == "2"
+    assert failed_over.headers["x-keyaos-key"] == "dear"
+    time.sleep(1)
+    asked_a = sum(1 for r in fake_upstream.requests if r.bearer == SECRET_A)
+
+    answer = chat(second, key)
+
+    assert answer.status_code == 200
+    assert (answer.headers["x-keyaos-attempts"], answer.headers["x-keyaos-key"]) == ("1", "dear")
+    assert sum(1 for r in fake_upstream.requests if r.bearer == SECRET_A) == asked_a
+
+
+def test_a_new_key_a_price_and_a_disabled_client_key_reach_both_instances_within_the_poll(
+    two_instances, fake_upstream, upstream
+):
+    provider, offer = upstream
+    fake_upstream.reply("POST", CHAT_PATH, json_body=chat_completion(MODEL))
+    api_key, key = make_client_key("config")
+    time.sleep(1)
+    assert {chat(served, key).headers["x-keyaos-key"] for served in two_instances} == {"cheap"}
+
+    make_key(provider, SECRET_B, label="free", multiplier=Decimal("0"))
+    ModelOffer.objects.filter(pk=offer.pk).update(input_price_per_mtok=Decimal("7"))
+    routing_data_changed()
+    changed_at = time.monotonic()
+
+    def sees_the_new_key_and_price(served: Served) -> bool:
+        models = httpx.get(
+            served.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}
+        ).json()["data"]
+        return chat(served, key).headers.get("x-keyaos-key") == "free" and "7" in str(models)
+
+    assert all(wait_for(lambda s=s: sees_the_new_key_and_price(s), 5) for s in two_instances)
+    api_key.enabled = False
+    api_key.save()
+    assert all(wait_for(lambda s=s: chat(s, key).status_code == 401, 5) for s in two_instances)
+    # The snapshot poll is 0.2 s here: everything arrived well within a few polls' time.
+    assert time.monotonic() - changed_at < 10
+
+
+def test_two_task_clusters_on_redis_run_the_scheduled_refresh_once_per_interval(tmp_path, upstream):
+    from django_q.models import Schedule
+
+    from providers.tasks import REFRESH_SCHEDULE_NAME
+
+    cache.clear()  # the broker's queue lives in this Redis database too
+    Schedule.objects.update_or_create(
+        name=REFRESH_SCHEDULE_NAME,
+        defaults={
+            "func": "providers.tasks.scheduled_refresh",
+            "schedule_type": Schedule.MINUTES,
+            "minutes": 5,
+            "repeats": -1,
+            "next_run": timezone.now() - timedelta(seconds=1),
+        },
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"},
+        "DJANGO_SETTINGS_MODULE": "keyaos.settings",
+        "DATABASE_URL": database_url(),
+        "REDIS_URL": REDIS_URL,
+        "KEYAOS_STATE_DIR": str(tmp_path),
+        "KEYAOS_IDENTITY_SOURCE_URL": "",
+    }
+    clusters = []
+    try:
+        for n in (1, 2):
+            with (tmp_path / f"cluster-{n}.log").open("wb") as log:
+                clusters.append(
+                    subprocess.Popen(
+                        [sys.executable, "manage.py", "qcluster"],
+                        cwd=BASE_DIR,
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        # Each cluster's scheduler wakes about every 30 s: after the first run, give both a turn.
+        logs = tmp_path / "cluster-1.log"
+        assert wait_for(lambda: RefreshRun.objects.exists(), 90), logs.read_text()
+        time.sleep(35)
+        assert RefreshRun.objects.filter(trigger="schedule").count() == 1
+        assert Schedule.objects.get().next_run > timezone.now()
+    finally:
+        for cluster in clusters:
+            for pid in session_processes(cluster.pid):
+                os.kill(pid, 9)
+            cluster.wait(timeout=10)
