@@ -34,11 +34,27 @@ def request_body(model: str, *, stream: bool) -> bytes:
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds of ``pid`` and its reaped children, from ``/proc``."""
+    """User and system CPU seconds of ``pid``, its reaped children and its live descendants
+    (uvicorn's workers when it runs several), from ``/proc``."""
     with open(f"/proc/{pid}/stat", "rb") as stat:
         fields = [int(value) for value in stat.read().rsplit(b")", 1)[1].split()[11:15]]
     utime, stime, cutime, cstime = fields
-    return (utime + cutime) / CLOCK_TICKS, (stime + cstime) / CLOCK_TICKS
+    user, system = (utime + cutime) / CLOCK_TICKS, (stime + cstime) / CLOCK_TICKS
+    for child in _children(pid):
+        child_user, child_system = cpu_seconds(child)
+        user, system = user + child_user, system + child_system
+    return user, system
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as listed:
+                children += [int(child) for child in listed.read().split()]
+    except OSError:  # gone, or a kernel without the children file
+        pass
+    return children
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:

@@ -70,15 +70,20 @@ class Placement:
     others: set[int] | None
 
     @classmethod
-    def for_this_machine(cls) -> Placement:
+    def for_this_machine(cls, workers: int = 1) -> Placement:
         cores = sorted(os.sched_getaffinity(0))
-        if len(cores) < 2:
+        if len(cores) < 2 or workers >= len(cores):
             return cls(None, None)
-        return cls({cores[0]}, {cores[1]})
+        return cls(set(cores[:workers]), {cores[workers]})
 
     def describe(self) -> str:
         if self.gateway is None:
-            return "not pinned (fewer than 2 cores available)"
+            return "not pinned (no core left for the load once the gateway's workers have one each)"
+        if len(self.gateway) > 1:
+            return (
+                f"gateway on cores {sorted(self.gateway)}; "
+                f"fake upstream, load generator and this script on core {min(self.others)}"
+            )
         return (
             f"gateway on core {min(self.gateway)}; "
             f"fake upstream, load generator and this script on core {min(self.others)}"
@@ -148,7 +153,7 @@ def recreate_database(maintenance_url: str, name: str, *, drop_only: bool = Fals
 
 
 def prepare(args: argparse.Namespace) -> Bench:
-    placement = Placement.for_this_machine()
+    placement = Placement.for_this_machine(args.workers)
     if placement.others is not None:
         os.sched_setaffinity(0, placement.others)
     state_dir = Path(tempfile.mkdtemp(prefix="keyaos-bench-"))
@@ -157,7 +162,11 @@ def prepare(args: argparse.Namespace) -> Bench:
         "DJANGO_SETTINGS_MODULE": "keyaos.settings",
         "KEYAOS_STATE_DIR": str(state_dir),
         "PYTHONUNBUFFERED": "1",
+        "KEYAOS_METRICS": "true" if args.metrics == "on" else "false",
     }
+    if args.metrics == "on":  # as `manage.py serve` runs the workers: multiprocess metrics
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(state_dir / "metrics")
+        (state_dir / "metrics").mkdir()
     source_url = env.pop("DATABASE_URL", "")
     bench = Bench(args, placement, state_dir, env, database="sqlite")
     bench.ids_file = state_dir / "request-ids.txt"
@@ -231,9 +240,12 @@ def start_upstream(bench: Bench) -> None:
 
 
 def gateway_command(bench: Bench) -> list[str]:
-    """Exactly what ``manage.py serve`` runs, with one worker."""
+    """Exactly what ``manage.py serve`` runs, with ``--workers`` workers (default 1)."""
     return uvicorn_command(
-        host="127.0.0.1", port=bench.gateway_port, workers=1, drain_s=STOP_TIMEOUT_S / 2
+        host="127.0.0.1",
+        port=bench.gateway_port,
+        workers=bench.args.workers,
+        drain_s=STOP_TIMEOUT_S / 2,
     )
 
 
@@ -786,6 +798,8 @@ def run(args: argparse.Namespace) -> dict:
                 "chunks": args.chunks,
                 "soak_s": args.soak,
                 "redis": bool(bench.env.get("REDIS_URL")),
+                "metrics": args.metrics,
+                "workers": args.workers,
                 "gateway_command": " ".join(gateway_command(bench)[1:]),
             },
             "startup_s": round(startup_s, 3),
@@ -840,6 +854,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gap-ms", type=float, default=0.0, help="fake upstream's chunk gap")
     parser.add_argument("--chunks", type=int, default=20, help="content chunks per stream")
     parser.add_argument("--profile", action="store_true", help="py-spy at the top concurrency")
+    parser.add_argument(
+        "--metrics", choices=("on", "off"), default="on", help="Prometheus metrics (KEYAOS_METRICS)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers (WEB_CONCURRENCY)")
     parser.add_argument("--database-name", default="keyaos_bench", help="PostgreSQL only")
     parser.add_argument("--output", type=Path, help="default: bench/results/latest.json")
     parser.add_argument("--keep", action="store_true", help="keep the state folder and database")

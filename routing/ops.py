@@ -94,6 +94,11 @@ def degraded(gateway: Runtime) -> list[str]:
     if snapshot is not None and snapshot.unreadable_keys:
         names = ", ".join(sorted(snapshot.unreadable_keys))
         found.append(f"upstream keys that cannot be decrypted (KEYAOS_ENCRYPTION_KEYS?): {names}")
+    counters = gateway.counters.state()
+    if counters.degraded:
+        found.append(
+            f"client key limits count in this process only, Redis unreachable: {counters.error}"
+        )
     backlog = ledger_backlog(gateway)
     if backlog.dead_letters:
         found.append(f"{backlog.dead_letters} ledger records refused by the database")

@@ -114,3 +114,13 @@ def test_the_routing_measurement_times_real_decisions():
     assert result["with_candidates"] > 250
     assert 0 < result["p50_us"] <= result["p99_us"]
     assert "200 offers x 50 keys" in report(result)
+
+
+def test_the_bench_can_run_without_metrics_and_with_several_workers():
+    args = parse_args(["--metrics", "off", "--workers", "2"])
+    bench = type("B", (), {"args": args, "gateway_port": 8123})()
+
+    command = gateway_command(bench)
+    assert command[command.index("--workers") + 1] == "2"
+    assert args.metrics == "off"
+    assert parse_args([]).metrics == "on"
