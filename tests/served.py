@@ -52,6 +52,8 @@ class Served:
             "DJANGO_SETTINGS_MODULE": "keyaos.settings",
             "DATABASE_URL": database_url(),
             "KEYAOS_STATE_DIR": str(log_path.parent),
+            # Each instance has a spool of its own, as each machine would.
+            "KEYAOS_LEDGER_SPOOL_DIR": str(log_path.with_suffix(".spool")),
             "KEYAOS_SNAPSHOT_POLL_S": "0.2",
             "KEYAOS_IDENTITY_SOURCE_URL": "",
             "PYTHONUNBUFFERED": "1",

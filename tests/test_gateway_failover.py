@@ -122,6 +122,7 @@ def test_an_invalid_key_is_persisted_and_leaves_routing(two_providers, gateway, 
     raw = ask(client)
     assert raw.headers["x-keyaos-attempts"] == "1"
     assert len(fake_upstream.received(CHEAP)) == 1
+    gateway.flush_ledger()  # the health is persisted after the response, in the background
     assert UpstreamKey.objects.get(pk=cheap_key.pk).health == "invalid"
 
 

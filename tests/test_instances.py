@@ -240,6 +240,7 @@ def test_two_task_clusters_on_redis_run_the_scheduled_refresh_once_per_interval(
         "DATABASE_URL": database_url(),
         "REDIS_URL": REDIS_URL,
         "KEYAOS_STATE_DIR": str(tmp_path),
+        "KEYAOS_LEDGER_SPOOL_DIR": str(tmp_path / "cluster-spool"),
         "KEYAOS_IDENTITY_SOURCE_URL": "",
     }
     clusters = []
