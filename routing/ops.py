@@ -90,10 +90,8 @@ async def readiness(gateway: Runtime) -> tuple[int, dict]:
 def degraded(gateway: Runtime) -> list[str]:
     """What works in a reduced way: shown by /ready and /metrics, not a reason to be unready."""
     found = []
-    snapshot = gateway.snapshot
-    if snapshot is not None and snapshot.unreadable_keys:
-        names = ", ".join(sorted(snapshot.unreadable_keys))
-        found.append(f"upstream keys that cannot be decrypted (KEYAOS_ENCRYPTION_KEYS?): {names}")
+    if gateway.secret_problem:
+        found.append(gateway.secret_problem)
     counters = gateway.counters.state()
     if counters.degraded:
         found.append(
