@@ -70,6 +70,19 @@ class Gateway:
 
         self.run(settle())
 
+    def recorded_entry(self, timeout_s: float = 5):
+        """The one ledger row, once the work after the response (which may still be running for
+        a stream the client left) has written it."""
+        import time
+
+        from billing.models import LedgerEntry
+
+        deadline = time.monotonic() + timeout_s
+        while not LedgerEntry.objects.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self.flush_ledger()
+        return LedgerEntry.objects.get()
+
     def reset_health(self) -> None:
         from django.core.cache import cache
 

@@ -84,18 +84,20 @@ def make_world(
     canonical_id: str | None = None,
     secret: str | None = None,
     label: str = "",
+    client_name: str = "client",
     key_fields: dict[str, Any] | None = None,
     provider_fields: dict[str, Any] | None = None,
     reply: dict[str, Any] | None = None,
 ) -> World:
-    """Build the world at ``fake_upstream.url(prefix)``; with ``reply``, the upstream answers chat
-    completions with it; with ``gateway``, the gateway reloads its snapshot to serve it."""
-    prefix = prefix or slug
+    """Build the world at ``fake_upstream.url(prefix)`` (by default OpenRouter's ``/api/v1`` for
+    OpenRouter, the slug for others); with ``reply``, the upstream answers chat completions with
+    it; with ``gateway``, the gateway reloads its snapshot to serve it."""
+    prefix = prefix or ("openrouter/api/v1" if slug == "openrouter" else slug)
     provider = make_provider(slug, fake_upstream.url(prefix), **(provider_fields or {}))
     offer = make_offer(provider, model, canonical_id=canonical_id, input=input, output=output)
     secret = secret or f"sk-{slug}-" + "w" * 32
     key = make_key(provider, secret, label=label, **(key_fields or {}))
-    api_key, client_key = make_client_key()
+    api_key, client_key = make_client_key(client_name)
     chat_path = f"/{prefix}/chat/completions"
     if reply is not None:
         fake_upstream.reply("POST", chat_path, json_body=reply)

@@ -47,11 +47,7 @@ def hang_up_once_upstream_is_asked(gateway, fake_upstream, client_key) -> float:
 
 
 def recorded(gateway) -> LedgerEntry:
-    deadline = time.monotonic() + 5
-    while not LedgerEntry.objects.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-        gateway.flush_ledger()
-    return LedgerEntry.objects.get()
+    return gateway.recorded_entry()
 
 
 def test_a_hang_up_while_the_upstream_writes_its_answer_closes_the_upstream(

@@ -13,9 +13,7 @@ from tests.payloads import chat_chunks, chat_completion
 
 @pytest.fixture
 def setup(gateway, fake_upstream):
-    world = make_world(
-        fake_upstream, prefix="openrouter/api/v1", secret="sk-or-v1-" + "a" * 40, label="main"
-    )
+    world = make_world(fake_upstream, secret="sk-or-v1-" + "a" * 40, label="main")
     make_offer(
         world.provider, "openai/text-embedding-3-small", input="0.02", output="0", kind="embedding"
     )

@@ -28,13 +28,7 @@ PATH = "/openrouter/api/v1/chat/completions"
 
 @pytest.fixture
 def setup(gateway, fake_upstream):
-    world = make_world(
-        fake_upstream,
-        gateway,
-        prefix="openrouter/api/v1",
-        model=MODEL,
-        key_fields={"balance": Decimal("10")},
-    )
+    world = make_world(fake_upstream, gateway, key_fields={"balance": Decimal("10")})
     return world.key, world.api_key, world.client_key
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from billing.models import ApiKey, LedgerEntry
 from providers.models import UpstreamKey
-from tests.factories import make_client_key, make_key, make_offer, make_provider
+from tests.factories import make_client_key, make_key, make_world
 from tests.payloads import chat_chunks, chat_completion
 
 MODEL = "openai/gpt-4o-mini"
@@ -17,13 +17,18 @@ MODEL = "openai/gpt-4o-mini"
 
 @pytest.fixture
 def setup(gateway, fake_upstream):
-    provider = make_provider("openrouter", fake_upstream.url("or"))
-    make_offer(provider, MODEL)
-    key = make_key(provider, "sk-or-v1-" + "r" * 40, label="doomed")
-    doomed, doomed_plain = make_client_key("doomed")
+    world = make_world(
+        fake_upstream,
+        prefix="or",
+        model=MODEL,
+        input="1",
+        output="2",
+        label="doomed",
+        client_name="doomed",
+    )
     _, survivor_plain = make_client_key("survivor")
     gateway.reload()
-    return key, doomed, doomed_plain, survivor_plain
+    return world.key, world.api_key, world.client_key, survivor_plain
 
 
 def stream(gateway, plain, started: threading.Event | None = None) -> bytes:

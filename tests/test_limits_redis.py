@@ -104,7 +104,6 @@ def redis_gateway(gateway, fake_upstream, own_redis):
     gateway.run(use_own_redis())
     make_world(
         fake_upstream,
-        prefix="openrouter/api/v1",
         model=MODEL,
         input="1",
         output="2",
