@@ -164,9 +164,37 @@ async def _send_response(
 
 
 async def _send_stream(response: StreamingHttpResponse, send) -> None:
-    async for chunk in response.streaming_content:
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    keepalive = getattr(response, "keepalive", None)
+    if keepalive is None:
+        async for chunk in response.streaming_content:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    else:
+        await _send_with_keepalive(response, send, *keepalive)
     await send({"type": "http.response.body", "body": b""})
+
+
+async def _send_with_keepalive(
+    response: StreamingHttpResponse, send, event: bytes, interval_s: float
+) -> None:
+    """Relay the stream, sending ``event`` whenever nothing went out for ``interval_s``.
+
+    The stream yields whole events, so a keep-alive event never lands inside another."""
+    sent = [True]
+
+    async def keep_alive() -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            if not sent[0]:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            sent[0] = False
+
+    pinger = asyncio.ensure_future(keep_alive())
+    try:
+        async for chunk in response.streaming_content:
+            sent[0] = True
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    finally:
+        pinger.cancel()
 
 
 async def _wait_for_disconnect(receive) -> None:

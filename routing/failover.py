@@ -258,21 +258,28 @@ class Exchange:
     def stream_response(self, answer: Answer, front: Front) -> HttpResponse:
         response = answer.response
         self.record.status_code = response.status_code
+        reader: StreamTranslator = front.stream_translator(self.request, answer.native)
         streamed = StreamingHttpResponse(
-            self._relay(answer, front),
+            self._relay(answer, reader),
             status=response.status_code,
             content_type=response.headers.get("content-type", "text/event-stream"),
         )
+        # (event, seconds): routing.asgi sends the event when the stream is silent that long.
+        streamed.keepalive = getattr(reader, "keepalive", None)
         streamed["Cache-Control"] = "no-cache"
         streamed["X-Accel-Buffering"] = "no"
         return self._with_headers(streamed)
 
-    async def _relay(self, answer: Answer, front: Front) -> AsyncIterator[bytes]:
+    async def _relay(self, answer: Answer, reader: StreamTranslator) -> AsyncIterator[bytes]:
         candidate, response = answer.candidate, answer.response
-        reader: StreamTranslator = front.stream_translator(self.request, answer.native)
         outcome = Outcome.OK
         error = ""
         try:
+            opening = reader.feed(
+                b""
+            )  # a translated stream starts before the upstream's first byte
+            if opening:
+                yield opening
             async for chunk in response.aiter_raw():
                 if self.record.ttfb_ms is None:
                     self.record.ttfb_ms = _ms_since(self.started)

@@ -333,3 +333,28 @@ def test_thinking_becomes_reasoning_where_the_upstream_has_the_parameter(
     sent = fake_upstream.received("/or/chat/completions")[0].json()
     assert sent["reasoning"] == {"max_tokens": 2048}
     assert "thinking" not in sent
+
+
+def test_a_slow_upstream_gets_message_start_at_once_and_pings_while_silent(
+    world, gateway, fake_upstream, monkeypatch
+):
+    from routing.protocols import anthropic as protocol
+
+    monkeypatch.setattr(protocol, "PING_INTERVAL_S", 0.2)
+    _, plain = world
+    fake_upstream.stream(UPSTREAM, chat_chunks(MODEL, ["late"], USAGE), first_delay_s=1.5)
+    response = httpx.post(
+        gateway.url + "/messages",
+        headers={"Authorization": f"Bearer {plain}"},
+        json={
+            "model": MODEL,
+            "max_tokens": 10,
+            "stream": True,
+            "messages": [{"role": "user", "content": "x"}],
+        },
+    )
+    kinds = [line[7:] for line in response.text.splitlines() if line.startswith("event: ")]
+    assert kinds[0] == "message_start"
+    silent = kinds[1 : kinds.index("content_block_start")]
+    assert set(silent) == {"ping"} and len(silent) >= 3  # the opening ping, then one per 0.2 s
+    assert kinds[-1] == "message_stop"

@@ -395,6 +395,9 @@ def _event(name: str, payload: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + json.dumps(payload).encode() + b"\n\n"
 
 
+PING_INTERVAL_S = 10.0  # a stream silent this long gets a ping event
+PING = b'event: ping\ndata: {"type": "ping"}\n\n'
+
 _TEXT_DELTA = (
     b"event: content_block_delta\ndata: "
     b'{"type": "content_block_delta", "index": %d, "delta": {"type": "text_delta", "text": %s}}\n\n'
@@ -410,6 +413,7 @@ class MessagesStream(ChunkTranslator):
 
     def __init__(self, request: ClientRequest) -> None:
         super().__init__(request)
+        self.keepalive = (PING, PING_INTERVAL_S)
         self.block: str | None = None  # "thinking", "text" or "tool:N"
         self.index = -1
         self.tool_blocks: dict[int, int] = {}  # upstream tool call index -> block index
