@@ -472,12 +472,12 @@ class UpstreamKeyAdmin(AddFormMixin, EnableActionsMixin, admin.ModelAdmin):
     def short_last_error(self, key: UpstreamKey) -> str:
         if not key.last_error:
             return "-"
-        return format_html(
-            '<span title="{}">{}</span> ({})',
-            key.last_error,
-            Truncator(key.last_error).chars(70),
-            relative_time(key.last_error_at),
+        text = format_html(
+            '<span title="{}">{}</span>', key.last_error, Truncator(key.last_error).chars(70)
         )
+        if key.last_error_at is None:
+            return text
+        return format_html("{} ({})", text, relative_time(key.last_error_at))
 
     def get_urls(self):
         check = path(
