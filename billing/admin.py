@@ -3,28 +3,28 @@
 from __future__ import annotations
 
 import csv
-import secrets
 from collections.abc import Iterator
 from datetime import timedelta
 
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.options import IncorrectLookupParameters
+from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from billing.limits import parse_networks, split_list
 from billing.models import (
-    API_KEY_PREFIX,
     ApiKey,
     Attempt,
     CurrencyRate,
     DailyUsage,
     LedgerEntry,
+    generate_api_key,
 )
 from billing.selectors import ledger_totals, recent_spend
+from billing.services import LIMIT_FIELDS, validate_limits
 from keyaos.admin_format import (
     exact_amount,
     format_usd,
@@ -78,21 +78,14 @@ class ApiKeyForm(forms.ModelForm):
             "tpm_limit",
         )
 
-    def clean_budget_usd(self):
-        budget = self.cleaned_data["budget_usd"]
-        if budget is not None and budget < 0:
-            raise forms.ValidationError("A budget cannot be negative.")
-        return budget
-
-    def clean_allowed_models(self) -> str:
-        return "\n".join(split_list(self.cleaned_data["allowed_models"]))
-
-    def clean_allowed_ips(self) -> str:
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        values = {field: cleaned[field] for field in LIMIT_FIELDS if field in cleaned}
         try:
-            networks = parse_networks(self.cleaned_data["allowed_ips"])
-        except ValueError as error:
-            raise forms.ValidationError(str(error)) from None
-        return "\n".join(str(network) for network in networks)
+            cleaned.update(validate_limits(values, creating=self.instance.pk is None))
+        except ValidationError as error:
+            self.add_error(None, error)
+        return cleaned
 
 
 @admin.register(ApiKey)
@@ -181,7 +174,7 @@ class ApiKeyAdmin(AddFormMixin, EnableActionsMixin, admin.ModelAdmin):
         if change:
             super().save_model(request, obj, form, change)
             return
-        plain = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        plain = generate_api_key()
         obj.set_key(plain)
         super().save_model(request, obj, form, change)
         self.message_user(

@@ -172,20 +172,6 @@ class Reservation:
 SpentLoader = Callable[[int, str, datetime | None], Awaitable[Decimal]]
 
 
-def persisted_spend(key_id: int, period: str, start: datetime | None) -> Decimal:
-    """What the key spent in the period holding ``start``, as last written by the ledger. Sync."""
-    row = (
-        ApiKey.objects.filter(pk=key_id)
-        .values("spent_usd", "period_spent_usd", "period_started_at")
-        .first()
-    )
-    if row is None:
-        return Decimal(0)
-    if start is None:
-        return row["spent_usd"]
-    return row["period_spent_usd"] if row["period_started_at"] == start else Decimal(0)
-
-
 async def admit(
     counters: Counters,
     limits: KeyLimits,

@@ -45,6 +45,11 @@ def hash_api_key(plain: str) -> str:
     ).hexdigest()
 
 
+def generate_api_key() -> str:
+    """A new plain client key: the one generator (only its hash is ever stored)."""
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
 class ApiKey(models.Model):
     """A key that a client program sends to ``/v1``. Only its keyed hash is stored."""
 
@@ -93,7 +98,7 @@ class ApiKey(models.Model):
     @classmethod
     def create_key(cls, *, name: str, **fields) -> tuple[ApiKey, str]:
         """Create a key; return it with its plain value, which is never stored nor shown again."""
-        plain = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        plain = generate_api_key()
         api_key = cls(name=name, **fields)
         api_key.set_key(plain)
         api_key.save()
@@ -105,7 +110,11 @@ class ApiKey(models.Model):
 
     def current_period_spent_usd(self, now: datetime | None = None) -> Decimal:
         """Spend in the budget period running now: zero once the period has rolled over."""
-        start = budget_period_start(self.budget_period, now or timezone.now())
+        return self.spent_in_period(budget_period_start(self.budget_period, now or timezone.now()))
+
+    def spent_in_period(self, start: datetime | None) -> Decimal:
+        """Spend in the budget period starting at ``start`` (None: lifetime), as the ledger last
+        wrote it: zero when the period on record is an older one."""
         if start is None:
             return self.spent_usd
         return self.period_spent_usd if self.period_started_at == start else Decimal(0)

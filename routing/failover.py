@@ -26,9 +26,10 @@ from django.http import HttpResponse, StreamingHttpResponse
 
 from billing.costs import tokens_cost
 from billing.currency import usd_per_unit
-from billing.limits import Reservation, admit, cover, persisted_spend, settle
+from billing.limits import Reservation, admit, cover, settle
 from billing.models import LedgerEntry
 from billing.recorder import AttemptRecord, RequestRecord
+from billing.services import persisted_spend
 from billing.usage import Usage, estimate_usage
 from keyaos.lib.db import db_task
 from providers.upstream import (

@@ -71,7 +71,7 @@ def test_an_expiry_may_be_a_date_time():
         (["--budget", "ten"], "not a number"),
         (["--budget", "-1"], "zero or more"),
         (["--budget", "NaN"], "zero or more"),
-        (["--period", "day"], "needs a --budget"),
+        (["--period", "day"], "--period: A budget period needs a budget"),
         (["--ips", "10.0.0.300/8"], "not an IP address"),
         (["--rpm", "fast"], "not a whole number"),
         (["--tpm", "0"], "at least 1"),

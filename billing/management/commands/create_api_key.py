@@ -3,11 +3,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, time
 from decimal import Decimal, InvalidOperation
 
+from django.core.exceptions import ValidationError
 from django.core.management.base import CommandError
 from django.utils.dateparse import parse_date, parse_datetime
 
-from billing.limits import parse_networks, split_list
 from billing.models import ApiKey
+from billing.services import create_api_key
 from keyaos.lib.commands import OperatorCommand
 
 
@@ -35,11 +36,10 @@ class Command(OperatorCommand):
         )
 
     def handle(self, *args, **options) -> None:
-        name = options["name"].strip()
-        if not name:
-            raise CommandError("The key needs a name.")
-        fields = limit_fields(options)
-        api_key, plain = ApiKey.create_key(name=name, **fields)
+        try:
+            api_key, plain = create_api_key(name=options["name"], **limit_values(options))
+        except ValidationError as error:
+            raise CommandError(_command_message(error)) from None
         self.stdout.write(
             f"Created client key #{api_key.pk} {api_key.name!r}{describe(api_key)}. "
             "Copy it now: it is stored only as a hash and cannot be shown again."
@@ -47,30 +47,43 @@ class Command(OperatorCommand):
         self.stdout.write(plain)
 
 
-def limit_fields(options: dict) -> dict:
-    fields: dict = {}
+# The option that sets each field, to name it in an error.
+OPTIONS = {
+    "name": "name",
+    "budget_usd": "--budget",
+    "budget_period": "--period",
+    "allowed_models": "--models",
+    "allowed_ips": "--ips",
+    "rpm_limit": "--rpm",
+    "tpm_limit": "--tpm",
+    "expires_at": "--expires",
+}
+
+
+def limit_values(options: dict) -> dict:
+    """The options as field values (strings parsed); ``validate_limits`` judges them."""
+    values: dict = {
+        "allowed_models": options.get("models") or "",
+        "allowed_ips": options.get("ips") or "",
+    }
     if options.get("budget") is not None:
-        fields["budget_usd"] = _budget(options["budget"])
+        values["budget_usd"] = _budget(options["budget"])
     if options.get("period"):
-        if "budget_usd" not in fields:
-            raise CommandError("--period needs a --budget to reset.")
-        fields["budget_period"] = options["period"]
-    models = split_list(options.get("models") or "")
-    if models:
-        fields["allowed_models"] = "\n".join(models)
-    ips = options.get("ips") or ""
-    if split_list(ips):
-        try:
-            networks = parse_networks(ips)
-        except ValueError as error:
-            raise CommandError(f"--ips: {error}") from None
-        fields["allowed_ips"] = "\n".join(str(network) for network in networks)
+        values["budget_period"] = options["period"]
+        values.setdefault("budget_usd", None)
     for option, field in (("rpm", "rpm_limit"), ("tpm", "tpm_limit")):
         if options.get(option) is not None:
-            fields[field] = _positive_int(option, options[option])
+            values[field] = _whole_number(option, options[option])
     if options.get("expires"):
-        fields["expires_at"] = _expiry(options["expires"])
-    return fields
+        values["expires_at"] = _expiry(options["expires"])
+    return values
+
+
+def _command_message(error: ValidationError) -> str:
+    return "; ".join(
+        f"{OPTIONS.get(field, field)}: {' '.join(messages)}"
+        for field, messages in error.message_dict.items()
+    )
 
 
 def describe(api_key: ApiKey) -> str:
@@ -93,24 +106,16 @@ def describe(api_key: ApiKey) -> str:
 
 def _budget(value: str) -> Decimal:
     try:
-        budget = Decimal(value)
+        return Decimal(value)
     except InvalidOperation:
         raise CommandError(f"--budget: {value!r} is not a number of USD.") from None
-    if not budget.is_finite() or budget < 0:
-        raise CommandError("--budget must be zero or more USD.")
-    if budget >= Decimal(10) ** 16:
-        raise CommandError("--budget is too large.")
-    return budget
 
 
-def _positive_int(option: str, value: str) -> int:
+def _whole_number(option: str, value: str) -> int:
     try:
-        number = int(value)
+        return int(value)
     except ValueError:
         raise CommandError(f"--{option}: {value!r} is not a whole number.") from None
-    if number < 1 or number > 2_147_483_647:
-        raise CommandError(f"--{option} must be at least 1.")
-    return number
 
 
 def _expiry(value: str) -> datetime:
@@ -125,6 +130,4 @@ def _expiry(value: str) -> datetime:
         moment = datetime.combine(day, time.max, tzinfo=UTC)
     elif moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    if moment <= datetime.now(UTC):
-        raise CommandError(f"--expires: {value} is in the past.")
     return moment
