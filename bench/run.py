@@ -27,6 +27,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -47,7 +48,9 @@ RESULTS_DIR = BASE_DIR / "bench" / "results"
 MODEL = "bench-model"
 PROVIDER = "bench"
 UPSTREAM_SECRET = "sk-bench-upstream-secret"
-MODES = ("json", "stream", "messages")
+# "limited": the json load with a client key that has a budget and per-minute limits, counted
+# in a Redis of the bench's own (its counters on every request; the issue's 10 % target).
+MODES = ("json", "stream", "messages", "limited")
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0
 
@@ -102,6 +105,9 @@ class Bench:
     gateway: subprocess.Popen | None = None
     gateway_log: Path | None = None
     api_key: str = ""
+    limited_key: str = ""
+    redis: subprocess.Popen | None = None
+    redis_url: str = ""
     upstream_port: int = 0
     gateway_port: int = 0
     sent_to_gateway: int = 0
@@ -213,12 +219,44 @@ def seed(bench: Bench) -> None:
         *("--base-url", base_url, "--currency", "USD"),
     )
     client_key = manage(bench, "create_api_key", "bench")
+    limited = manage(
+        bench,
+        *("create_api_key", "bench-limited", "--budget", "1000000"),
+        *("--rpm", "2000000000", "--tpm", "2000000000"),
+    )
     finish(provider)
     price = manage(bench, "set_price", PROVIDER, MODEL, "--input", "1", "--output", "2", "--create")
     upstream_key = manage(bench, "add_upstream_key", PROVIDER, "--label", "bench", stdin="")
     finish(upstream_key, UPSTREAM_SECRET + "\n")
     finish(price)
     bench.api_key = finish(client_key).strip().splitlines()[-1]
+    bench.limited_key = finish(limited).strip().splitlines()[-1]
+
+
+def start_redis(bench: Bench) -> None:
+    """A redis-server of the bench's own for the limited mode, or a note when there is none."""
+    if "limited" not in bench.args.modes:
+        return
+    if bench.args.redis_url:
+        bench.redis_url = bench.args.redis_url
+    elif shutil.which("redis-server"):
+        port = free_port()
+        bench.redis = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+            + ["--appendonly", "no", "--dir", str(bench.state_dir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        bench.redis_url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            time.sleep(0.05)
+    else:
+        bench.notes.append("limited mode: no redis-server found, the counters are per process")
+        return
+    bench.env["REDIS_URL"] = bench.redis_url
 
 
 def start_upstream(bench: Bench) -> None:
@@ -308,7 +346,7 @@ def stop_gateway(bench: Bench) -> None:
 
 
 def cleanup(bench: Bench) -> None:
-    for process in (bench.gateway, bench.upstream):
+    for process in (bench.gateway, bench.upstream, bench.redis):
         if process is not None and process.poll() is None:
             process.kill()
             process.wait()
@@ -345,14 +383,15 @@ def read_load_result(process: subprocess.Popen, timeout_s: float) -> dict:
 
 def run_load(bench: Bench, target: str, mode: str, concurrency: int, duration: float) -> dict:
     through_gateway = target == "keyaos"
+    limited = mode == "limited"
     command = load_command(
         bench,
         bench.gateway_url(mode) if through_gateway else bench.upstream_chat_url,
-        mode,
+        "json" if limited else mode,
         concurrency,
         duration=duration,
         warmup=bench.args.warmup,
-        api_key=bench.api_key if through_gateway else None,
+        api_key=(bench.limited_key if limited else bench.api_key) if through_gateway else None,
         watch_pid=bench.gateway.pid if through_gateway else None,
         ids_file=bench.ids_file if through_gateway else None,
     )
@@ -678,6 +717,16 @@ def _percent(share: float | None) -> str:
     return "-".rjust(4) if share is None else f"{share * 100:3.0f}%"
 
 
+def limited_rps_share(rows: list[dict]) -> dict[str, float]:
+    """Per concurrency: the limited key's requests per second over the unlimited key's (json)."""
+    rps = {(row["mode"], row["concurrency"]): row["keyaos"]["rps"] for row in rows}
+    return {
+        str(concurrency): round(rps[("limited", concurrency)] / rps[("json", concurrency)], 3)
+        for mode, concurrency in rps
+        if mode == "limited" and rps.get(("json", concurrency))
+    }
+
+
 def table(rows: list[dict]) -> str:
     header = (
         f"{'mode':<8} {'conc':>4} | {'direct rps':>10} {'p50':>6} {'p99':>6} | "
@@ -718,6 +767,12 @@ def report(result: dict) -> str:
             "",
             "latency in ms; ttft+ = added time to first token; sys = kernel share of the CPU time",
         ]
+    if result.get("limited_rps_share"):
+        shares = ", ".join(
+            f"c{concurrency} {share:.0%}"
+            for concurrency, share in result["limited_rps_share"].items()
+        )
+        lines.append(f"limited key (budget, rpm, tpm in Redis) rps / unlimited rps: {shares}")
     for row in result.get("phases", []):
         profile = row["keyaos"].get("profile")
         if profile and profile.get("samples"):
@@ -769,6 +824,7 @@ def run(args: argparse.Namespace) -> dict:
         _progress(f"bench: {bench.database}; {bench.placement.describe()}")
         routing = measure_routing(bench)
         start_upstream(bench)
+        start_redis(bench)
         seed(bench)
         startup_s = start_gateway(bench)
         _progress(f"bench: gateway answered after {startup_s:.2f} s")
@@ -810,6 +866,7 @@ def run(args: argparse.Namespace) -> dict:
             "soak": soak_result,
             "ledger": check_ledger(bench),
             "targets": targets(rows, startup_s, peak_mb) if rows else None,
+            "limited_rps_share": limited_rps_share(rows),
             "notes": bench.notes,
         }
         if bench.gateway.returncode not in (0, -signal.SIGINT, 128 + signal.SIGINT):
@@ -844,7 +901,18 @@ def measure_routing(bench: Bench) -> dict | None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 50])
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=[mode for mode in MODES if mode != "limited"],
+        help="'limited' is opted into: it runs the whole gateway with Redis (--redis-url)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default="",
+        help="limited mode: this Redis (default: a redis-server of its own)",
+    )
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per phase")
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds per phase")
     parser.add_argument("--soak", type=float, default=0, help="soak for this many seconds instead")

@@ -124,3 +124,16 @@ def test_the_bench_can_run_without_metrics_and_with_several_workers():
     assert command[command.index("--workers") + 1] == "2"
     assert args.metrics == "off"
     assert parse_args([]).metrics == "on"
+
+
+def test_the_limited_mode_is_compared_with_the_unlimited_one_per_concurrency():
+    from bench.run import limited_rps_share
+
+    def row(mode, concurrency, rps):
+        return {"mode": mode, "concurrency": concurrency, "keyaos": {"rps": rps}}
+
+    rows = [row("json", 1, 100.0), row("limited", 1, 95.0), row("json", 10, 400.0)]
+
+    assert limited_rps_share(rows) == {"1": 0.95}
+    assert "limited" not in parse_args([]).modes
+    assert parse_args(["--modes", "json", "limited"]).modes == ["json", "limited"]
