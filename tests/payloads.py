@@ -200,6 +200,10 @@ def serve_deepinfra(fake: FakeUpstream, *models: dict[str, Any], prefix: str = "
 # ZenMux: prices as tiers by prompt length, USD per 1M tokens
 
 
+def serve_zenmux(fake: FakeUpstream, *models: dict[str, Any], prefix: str = "zenmux") -> None:
+    fake.reply("GET", f"/{prefix}/models", json_body={"data": list(models)})
+
+
 def zenmux_tier(value: float, gte: int, lt: int | None = None) -> dict[str, Any]:
     prompt_tokens = {"unit": "kTokens", "gte": gte} | ({"lt": lt} if lt is not None else {})
     return {

@@ -24,7 +24,9 @@ from tests.payloads import (
     deepseek_models,
     openrouter_credits,
     openrouter_model,
+    serve_deepinfra,
     serve_openrouter,
+    serve_zenmux,
     zenmux_model,
     zenmux_tiers,
 )
@@ -60,21 +62,14 @@ class TestCatalogs:
         deepinfra = make_provider(fake_upstream, "deepinfra")
         zenmux = make_provider(fake_upstream, "zenmux")
         serve_openrouter(fake_upstream, openrouter_model("google/gemini-2.5-pro"))
-        fake_upstream.reply(
-            "GET", "/deepinfra/models", json_body={"data": [deepinfra_model("Qwen/Qwen3-Max")]}
-        )
-        fake_upstream.reply(
-            "GET",
-            "/zenmux/models",
-            json_body={
-                "data": [
-                    zenmux_model(
-                        "openai/gpt-5",
-                        prompt=zenmux_tiers(1.25, 2.5),
-                        completion=zenmux_tiers(10, 15),
-                    )
-                ]
-            },
+        serve_deepinfra(fake_upstream, deepinfra_model("Qwen/Qwen3-Max"))
+        serve_zenmux(
+            fake_upstream,
+            zenmux_model(
+                "openai/gpt-5",
+                prompt=zenmux_tiers(1.25, 2.5),
+                completion=zenmux_tiers(10, 15),
+            ),
         )
 
         run = refresh_providers(trigger="command")
@@ -223,9 +218,7 @@ class TestDeactivation:
 
     def test_an_offer_that_comes_back_is_reactivated(self, fake_upstream):
         deepinfra = make_provider(fake_upstream, "deepinfra")
-        fake_upstream.reply(
-            "GET", "/deepinfra/models", json_body={"data": [deepinfra_model("v/m0")]}
-        )
+        serve_deepinfra(fake_upstream, deepinfra_model("v/m0"))
         refresh_providers(trigger="command")
         ModelOffer.objects.filter(provider=deepinfra).update(active=False)
 
@@ -277,9 +270,7 @@ class TestIsolation:
     def test_it_refreshes_only_the_named_provider(self, fake_upstream):
         deepinfra = make_provider(fake_upstream, "deepinfra")
         make_provider(fake_upstream, "zenmux")
-        fake_upstream.reply(
-            "GET", "/deepinfra/models", json_body={"data": [deepinfra_model("a/b")]}
-        )
+        serve_deepinfra(fake_upstream, deepinfra_model("a/b"))
 
         run = refresh_providers(trigger="command", provider_slug="deepinfra")
 
@@ -323,24 +314,14 @@ class TestPriceHistory:
 
     def test_a_zenmux_tier_change_updates_the_tiers(self, fake_upstream):
         zenmux = make_provider(fake_upstream, "zenmux")
-        fake_upstream.reply(
-            "GET",
-            "/zenmux/models",
-            json_body={
-                "data": [
-                    zenmux_model("a/m", prompt=zenmux_tiers(1, 2), completion=zenmux_tiers(8, 12))
-                ]
-            },
+        serve_zenmux(
+            fake_upstream,
+            zenmux_model("a/m", prompt=zenmux_tiers(1, 2), completion=zenmux_tiers(8, 12)),
         )
         refresh_providers(trigger="command")
-        fake_upstream.reply(
-            "GET",
-            "/zenmux/models",
-            json_body={
-                "data": [
-                    zenmux_model("a/m", prompt=zenmux_tiers(1, 3), completion=zenmux_tiers(8, 18))
-                ]
-            },
+        serve_zenmux(
+            fake_upstream,
+            zenmux_model("a/m", prompt=zenmux_tiers(1, 3), completion=zenmux_tiers(8, 18)),
         )
 
         refresh_providers(trigger="command")
@@ -476,9 +457,7 @@ class TestSnapshot:
         self, fake_upstream, django_capture_on_commit_callbacks
     ):
         make_provider(fake_upstream, "deepinfra")
-        fake_upstream.reply(
-            "GET", "/deepinfra/models", json_body={"data": [deepinfra_model("a/b")]}
-        )
+        serve_deepinfra(fake_upstream, deepinfra_model("a/b"))
         before = SnapshotVersion.current()
 
         with django_capture_on_commit_callbacks(execute=True):
@@ -515,9 +494,7 @@ class TestLogging:
         fake_upstream.reply(
             "GET", "/openrouter/credits", status=403, json_body={"error": f"bad key {key.secret}"}
         )
-        fake_upstream.reply(
-            "GET", "/deepinfra/models", json_body={"data": [deepinfra_model("a/b")]}
-        )
+        serve_deepinfra(fake_upstream, deepinfra_model("a/b"))
 
         with caplog.at_level("INFO", logger="providers.refresh"):
             refresh_providers(trigger="command")
