@@ -2,7 +2,9 @@
 
 Run with the bench's environment: ``python -m bench.ledger_check --ids FILE --sent N``. Prints one
 JSON object; ``ok`` is true when every answered request id has exactly one ledger row and the rows
-number exactly the requests sent.
+number exactly the requests sent. It also gives, as exact decimal strings, each upstream key's
+balance beside the sum of its rows' costs, and each client key's spend beside its rows' cost in
+USD, so a caller that knows the starting balances can check the debits to the last digit.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import sys
 
 def check(ids_file: str | None, sent: int) -> dict:
     from django.db import connection
-    from django.db.models import Count
+    from django.db.models import Count, Sum
 
-    from billing.models import LedgerEntry
+    from billing.models import ApiKey, LedgerEntry
+    from providers.models import UpstreamKey
 
     outcomes = dict(
         LedgerEntry.objects.values_list("outcome").annotate(n=Count("id")).order_by("outcome")
@@ -40,6 +43,27 @@ def check(ids_file: str | None, sent: int) -> dict:
         "rows_without_answered_id": len(distinct - answered) if answered else None,
         "outcomes": outcomes,
         "database": connection.vendor,
+        "cost_by_upstream_key": {
+            str(key): str(total)
+            for key, total in LedgerEntry.objects.values_list("upstream_key")
+            .annotate(total=Sum("cost"))
+            .order_by("upstream_key")
+            if key is not None
+        },
+        "balance_by_upstream_key": {
+            str(key): str(balance)
+            for key, balance in UpstreamKey.objects.values_list("pk", "balance")
+        },
+        "cost_usd_by_client_key": {
+            str(key): str(total)
+            for key, total in LedgerEntry.objects.values_list("api_key")
+            .annotate(total=Sum("cost_usd"))
+            .order_by("api_key")
+            if key is not None
+        },
+        "spent_usd_by_client_key": {
+            str(key): str(spent) for key, spent in ApiKey.objects.values_list("pk", "spent_usd")
+        },
     }
 
 

@@ -1,39 +1,61 @@
-"""Writes the ledger after responses, in batches, off the request path.
+"""The ledger: every finished request's record, spooled before its answer ends, then written to
+the database in batches, off the request path.
 
-The proxy hands each finished request to ``LedgerWriter.submit`` (no I/O); a background task
-writes batches in one transaction: the ledger rows, their failed attempts, the upstream balance
-debits and the client keys' last use. A database error keeps the batch and retries it with
-backoff, so a short outage loses nothing; what is still queued in memory when the process is
-killed is lost (a clean shutdown flushes it).
+The exchange hands each finished request to ``LedgerWriter.submit``, which appends it to this
+process's spool (``billing.spool``: one ``os.write``, no ``fsync``). The writer reads batches back
+from the spool, prepares them outside any transaction (costs, rows, text made storable), and writes
+each in one transaction: one multi-row INSERT of the ledger rows that skips request ids already
+present, their failed attempts, and the upstream balance debits and client spend of the rows
+actually inserted, so writing a batch twice (a crash between commit and the spool's offset, a
+replay) changes nothing. Then the spool's committed offset moves past it. A database that is away
+keeps the batch in the spool and is retried with backoff; a record the database refuses is found
+by splitting its batch in halves and kept in the dead-letter file with the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
+import sys
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import Case, DateTimeField, DecimalField, F, Value, When
 from django.utils import timezone
 
 from billing.costs import Cost, Prices, request_cost
 from billing.models import ApiKey, Attempt, LedgerEntry, budget_period_start
+from billing.spool import Batch, Spool
 from billing.usage import Usage
-from keyaos.lib.db import insert_rows
+from keyaos.lib.db import RowInserter
 from providers.models import MONEY_DIGITS, Provider, UpstreamKey
 
 logger = logging.getLogger("keyaos.ledger")
 
 BATCH_SIZE = 500
-BATCH_WINDOW_S = 0.05
+# A batch waits this long for company once its first record is spooled (unless behind).
+BATCH_WINDOW_S = 0.025
+# Behind: this many records waiting, or the idle thread did not get to a batch in time; the
+# batch is then prepared at normal priority.
+BEHIND_RECORDS = 200
+IDLE_PATIENCE_S = 0.02
 MAX_BACKOFF_S = 10.0
+ORPHAN_SCAN_S = 10.0
+SHUTDOWN_FLUSH_S = 5.0
+ERROR_MAX_CHARS = 10_000
+# The event loop waits at most this long for the GIL while a writer thread holds it (Python's
+# default is 5 ms, all of which a request that needs the loop would wait).
+SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass
@@ -81,54 +103,225 @@ class RequestRecord:
             self.usage, self.prices, multiplier=self.multiplier, usd_per_unit=self.usd_per_unit
         )
 
+    def to_json(self) -> str:
+        """The spool's compact form: ASCII JSON (escapes keep NUL and lone surrogates intact
+        and a line one line), decimals as strings, so nothing is lost on the way."""
+        return json.dumps(vars(self), default=_to_json, separators=(",", ":"))
 
-def write_records(records: list[RequestRecord]) -> None:
-    """Write a batch: ledger rows, attempts, balance debits and last-use times, atomically."""
-    debits: dict[int, Decimal] = defaultdict(Decimal)
-    spends: dict[int, dict[datetime | None, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
-    last_used: dict[int, datetime] = {}
-    rows = []
-    for record in records:
-        cost = record.cost()
-        rows.append(_ledger_row(record, cost))
-        if cost is not None and record.upstream_key_id and cost.list_cost:
-            debits[record.upstream_key_id] += cost.list_cost
-        if cost is not None and record.api_key_id and cost.cost_usd:
-            start = budget_period_start(record.budget_period, record.created_at)
-            spends[record.api_key_id][start] += cost.cost_usd
-        if record.api_key_id:
-            last_used[record.api_key_id] = max(
-                record.created_at, last_used.get(record.api_key_id, record.created_at)
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RequestRecord:
+        known = {name: value for name, value in data.items() if name in _RECORD_FIELDS}
+        known["created_at"] = datetime.fromisoformat(known["created_at"])
+        for name in ("multiplier", "usd_per_unit"):
+            if name in known:
+                known[name] = Decimal(known[name])
+        if usage := known.get("usage"):
+            usage = {name: value for name, value in usage.items() if name in _USAGE_FIELDS}
+            usage["reported_cost"] = _decimal_or_none(usage.get("reported_cost"))
+            known["usage"] = Usage(**usage)
+        if prices := known.get("prices"):
+            known["prices"] = Prices(
+                currency=prices["currency"],
+                input_per_mtok=Decimal(prices["input_per_mtok"]),
+                output_per_mtok=Decimal(prices["output_per_mtok"]),
+                cached_input_per_mtok=_decimal_or_none(prices.get("cached_input_per_mtok")),
             )
+        known["attempts"] = [AttemptRecord(**attempt) for attempt in known.get("attempts", [])]
+        return cls(**known)
+
+
+_RECORD_FIELDS = {f.name for f in fields(RequestRecord)}
+_USAGE_FIELDS = {f.name for f in fields(Usage)}
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, Decimal | datetime):
+        return str(value) if isinstance(value, Decimal) else value.isoformat()
+    return vars(value)  # Usage, Prices, AttemptRecord
+
+
+def _decimal_or_none(value: str | None) -> Decimal | None:
+    return None if value is None else Decimal(value)
+
+
+# --- preparing and writing batches (writer threads) ---------------------------------------------
+
+_entries = RowInserter(LedgerEntry, skip_conflicts="request_id", returning=("request_id", "id"))
+_attempts = RowInserter(Attempt)
+_FOREIGN_KEYS = {
+    name: _entries.fields.index(LedgerEntry._meta.get_field(name))
+    for name in ("api_key", "provider", "upstream_key")
+}
+
+
+@dataclass
+class Entry:
+    """One record made ready for the database: its row's values and what it moves."""
+
+    request_id: str
+    values: list[Any]
+    attempts: list[dict[str, Any]]
+    created_at: datetime
+    api_key_id: int | None
+    upstream_key_id: int | None
+    debit: Decimal | None
+    spend_usd: Decimal | None
+    period_start: datetime | None
+    source: dict[str, Any] | None = None  # the spooled form, for the dead letters
+
+
+@dataclass
+class Refused:
+    """A record the database (or the writer) would not take, and why."""
+
+    source: dict[str, Any] | str
+    reason: str
+
+    def dead_letter(self) -> dict[str, Any]:
+        key = "record" if isinstance(self.source, dict) else "raw"
+        return {"reason": self.reason, key: self.source}
+
+
+def prepare(record: RequestRecord, source: dict[str, Any] | None = None) -> Entry:
+    cost = record.cost()
+    failed = [
+        {"number": number, **vars(attempt), "error": attempt.error[:ERROR_MAX_CHARS]}
+        for number, attempt in enumerate(record.attempts, start=1)
+        if attempt.failure
+    ]
+    return Entry(
+        request_id=record.request_id,
+        values=_entries.values(_ledger_row(record, cost)),
+        attempts=failed,
+        created_at=record.created_at,
+        api_key_id=record.api_key_id,
+        upstream_key_id=record.upstream_key_id,
+        debit=cost.list_cost if cost is not None and cost.list_cost else None,
+        spend_usd=cost.cost_usd if cost is not None and cost.cost_usd else None,
+        period_start=budget_period_start(record.budget_period, record.created_at),
+        source=source,
+    )
+
+
+def prepare_lines(lines: list[bytes]) -> tuple[list[Entry], list[Refused]]:
+    """Spool lines to entries; a line that cannot be read or priced is refused, not lost."""
+    entries, refused = [], []
+    for line in lines:
+        try:
+            data = json.loads(line)["record"]
+        except (ValueError, KeyError, TypeError) as error:
+            refused.append(Refused(line.decode(errors="replace"), f"unreadable: {error}"))
+            continue
+        try:
+            entries.append(prepare(RequestRecord.from_json(data), data))
+        except Exception as error:
+            refused.append(Refused(data, f"cannot be prepared: {type(error).__name__}: {error}"))
+    return entries, refused
+
+
+def write_records(records: list[RequestRecord]) -> int:
+    """Write records at once (no spool): returns how many rows were new."""
+    return write_entries([prepare(record) for record in records])
+
+
+def write_entries(entries: list[Entry]) -> int:
+    """One transaction: the rows not yet present, their failed attempts, and, for those rows
+    only, the balance debits, client spend and last use. Returns the rows inserted."""
     with transaction.atomic():
-        insert_rows(LedgerEntry, rows)
-        _insert_failed_attempts(records)
+        inserted = dict(_entries.insert([entry.values for entry in entries]))
+        new = [entry for entry in entries if entry.request_id in inserted]
+        attempts = [
+            _attempts.values({"entry": inserted[entry.request_id], **attempt})
+            for entry in new
+            for attempt in entry.attempts
+        ]
+        if attempts:
+            _attempts.insert(attempts)
+        debits: dict[int, Decimal] = defaultdict(Decimal)
+        spends: dict[int, dict[datetime | None, Decimal]] = defaultdict(
+            lambda: defaultdict(Decimal)
+        )
+        last_used: dict[int, datetime] = {}
+        for entry in new:
+            if entry.debit is not None and entry.upstream_key_id:
+                debits[entry.upstream_key_id] += entry.debit
+            if entry.api_key_id:
+                if entry.spend_usd is not None:
+                    spends[entry.api_key_id][entry.period_start] += entry.spend_usd
+                last_used[entry.api_key_id] = max(
+                    entry.created_at, last_used.get(entry.api_key_id, entry.created_at)
+                )
         _debit_balances(debits)
         _update_client_keys(last_used, spends)
+    return len(new)
 
 
-def _insert_failed_attempts(records: list[RequestRecord]) -> None:
-    """The attempt that answered is the ledger row itself; only failed ones get rows."""
-    failed = {
-        record.request_id: [
-            (number, attempt)
-            for number, attempt in enumerate(record.attempts, start=1)
-            if attempt.failure
-        ]
-        for record in records
-        if any(attempt.failure for attempt in record.attempts)
+def write_isolating(entries: list[Entry]) -> tuple[int, list[Refused]]:
+    """Write ``entries``; a batch the database refuses is split in halves until the records it
+    refuses stand alone, so one bad record costs a few more transactions, not one per record.
+
+    A database that is away (``OperationalError``, ``InterfaceError``) is not the records'
+    fault: that error goes to the caller, which keeps the batch and retries it.
+    """
+    if not entries:
+        return 0, []
+    try:
+        return _write_keeping_connection(entries), []
+    except (OperationalError, InterfaceError):
+        raise
+    except Exception as error:
+        if len(entries) == 1:
+            entry = entries[0]
+            reason = f"{type(error).__name__}: {error}".strip()
+            return 0, [Refused(entry.source or {"request_id": entry.request_id}, reason)]
+    middle = len(entries) // 2
+    first, first_refused = write_isolating(entries[:middle])
+    second, second_refused = write_isolating(entries[middle:])
+    return first + second, first_refused + second_refused
+
+
+def _write_keeping_connection(entries: list[Entry]) -> int:
+    try:
+        try:
+            return write_entries(entries)
+        except IntegrityError:
+            # A client key, provider or upstream key deleted while its requests were in
+            # flight: keep the rows, without the references that no longer exist.
+            _forget_deleted_references(entries)
+            return write_entries(entries)
+    except Exception:
+        _close_connection()  # the retry opens a fresh one
+        raise
+
+
+def _forget_deleted_references(entries: list[Entry]) -> None:
+    def existing(model, ids: set[int | None]) -> set[int]:
+        return set(model.objects.filter(pk__in=ids - {None}).values_list("pk", flat=True))
+
+    attempts = [attempt for entry in entries for attempt in entry.attempts]
+    present = {
+        "api_key": existing(ApiKey, {entry.values[_FOREIGN_KEYS["api_key"]] for entry in entries}),
+        "provider": existing(
+            Provider,
+            {entry.values[_FOREIGN_KEYS["provider"]] for entry in entries}
+            | {attempt["provider_id"] for attempt in attempts},
+        ),
+        "upstream_key": existing(
+            UpstreamKey,
+            {entry.values[_FOREIGN_KEYS["upstream_key"]] for entry in entries}
+            | {attempt["upstream_key_id"] for attempt in attempts},
+        ),
     }
-    if not failed:
-        return
-    entry_ids = LedgerEntry.objects.filter(request_id__in=failed).values_list("request_id", "pk")
-    insert_rows(
-        Attempt,
-        [
-            {"entry": entry_id, "number": number, **vars(attempt)}
-            for request_id, entry_id in entry_ids
-            for number, attempt in failed[request_id]
-        ],
-    )
+    for entry in entries:
+        for name, index in _FOREIGN_KEYS.items():
+            if entry.values[index] not in present[name]:
+                entry.values[index] = None
+        entry.api_key_id = entry.values[_FOREIGN_KEYS["api_key"]]
+        entry.upstream_key_id = entry.values[_FOREIGN_KEYS["upstream_key"]]
+    for attempt in attempts:
+        for name in ("provider", "upstream_key"):
+            if attempt[f"{name}_id"] not in present[name]:
+                attempt[f"{name}_id"] = None
 
 
 def _update_client_keys(
@@ -190,7 +383,7 @@ def _ledger_row(record: RequestRecord, cost: Cost | None) -> dict[str, Any]:
         "api_key": record.api_key_id,
         "provider": record.provider_id,
         "upstream_key": record.upstream_key_id,
-        "requested_model": record.requested_model[:200],
+        "requested_model": record.requested_model,
         "upstream_model": record.upstream_model,
         "endpoint": record.endpoint,
         "streamed": record.streamed,
@@ -207,7 +400,7 @@ def _ledger_row(record: RequestRecord, cost: Cost | None) -> dict[str, Any]:
         "overhead_ms": round(Decimal(record.overhead_ms), 3)
         if record.overhead_ms is not None
         else None,
-        "error": record.error,
+        "error": record.error[:ERROR_MAX_CHARS],
         # Decimal(): a record read back from JSON holds the figure as a string
         "expected_cache_saving_usd": Decimal(record.expected_cache_saving_usd),
     }
@@ -222,38 +415,6 @@ def _ledger_row(record: RequestRecord, cost: Cost | None) -> dict[str, Any]:
             "list_cost_usd": cost.list_cost_usd,
         }
     return row
-
-
-def _write_keeping_connection(batch: list[RequestRecord]) -> None:
-    try:
-        try:
-            write_records(batch)
-        except IntegrityError:
-            # A client key, provider or upstream key deleted while its requests were in
-            # flight: keep the rows, without the references that no longer exist.
-            _forget_deleted_references(batch)
-            write_records(batch)
-    except Exception:
-        _close_connection()  # the retry opens a fresh one
-        raise
-
-
-def _forget_deleted_references(records: list[RequestRecord]) -> None:
-    def existing(model, ids: set[int | None]) -> set[int]:
-        return set(model.objects.filter(pk__in=ids - {None}).values_list("pk", flat=True))
-
-    attempts = [attempt for record in records for attempt in record.attempts]
-    api_keys = existing(ApiKey, {r.api_key_id for r in records})
-    providers = existing(Provider, {r.provider_id for r in [*records, *attempts]})
-    upstream_keys = existing(UpstreamKey, {r.upstream_key_id for r in [*records, *attempts]})
-    for record in records:
-        if record.api_key_id not in api_keys:
-            record.api_key_id = None
-    for item in [*records, *attempts]:
-        if item.provider_id not in providers:
-            item.provider_id = None
-        if item.upstream_key_id not in upstream_keys:
-            item.upstream_key_id = None
 
 
 def _run_when_idle() -> None:
@@ -271,81 +432,235 @@ def _close_connection() -> None:
 
 
 class LedgerWriter:
-    """Writes queued records in batches from threads that keep their database connections.
+    """Spools records on the request path and moves them to the database in batches.
 
-    The first record of a batch waits ``BATCH_WINDOW_S`` for others, so a busy gateway commits
-    one transaction for many requests; a thread that keeps its connection avoids reconnecting
-    (and, on SQLite, a WAL checkpoint) per batch.
-
-    Batches are written by a thread in Linux's ``SCHED_IDLE`` class: it runs only when the core
-    has nothing else to do and gives the core up the moment a request needs it. At normal
-    priority (even at a high nice value, since the kernel lets a running thread finish its time
-    slice) its few milliseconds per batch landed in the latency of every request that overlapped
-    one, which was the gateway's p99. On a saturated core that thread would only crawl, so when
-    a full batch or more is waiting, the next batch goes to a second thread at normal priority.
+    A batch is read from the spool and prepared (the Python work: decoding, costs, row values)
+    by a thread in Linux's ``SCHED_IDLE`` class, which runs only when the core has nothing else
+    to do and gives way the moment a request needs it: at normal priority those milliseconds
+    landed in the latency of every request that overlapped a batch (the gateway's p99 at
+    concurrency 1). When the writer is behind (``BEHIND_RECORDS`` waiting) or the idle thread
+    did not get to a batch within ``IDLE_PATIENCE_S`` (a saturated core, where it would crawl),
+    the batch is prepared at normal priority instead. The transaction itself always runs on the
+    normal-priority thread: it holds locks (the key rows it debits) and must not crawl, and it
+    mostly waits for the database, without the GIL. Each thread keeps its database connection.
     """
 
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[RequestRecord] = asyncio.Queue()
+    def __init__(self, directory: Path | None = None) -> None:
+        self.spool = Spool(directory or settings.KEYAOS_LEDGER_SPOOL_DIR)
         self.task: asyncio.Task | None = None
+        self.fsync_task: asyncio.Task | None = None
         self.idle_executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="ledger-writer-idle", initializer=_run_when_idle
         )
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
+        self.unspooled: list[RequestRecord] = []
+        self.written = 0  # records moved from the spool to the database (or dead letters)
+        self.dead_letters = 0
+        self.largest_backlog = 0
+        self._wake: asyncio.Event | None = None
+        self._idle_busy = False
+        self._deadline: float | None = None
+        self._unavailable = False
 
     def start(self) -> None:
-        if self.task is None or self.task.done():
-            self.task = asyncio.get_running_loop().create_task(self._run(), name="ledger-writer")
+        if self.task is not None and not self.task.done():
+            return
+        loop = asyncio.get_running_loop()
+        self.spool.open()
+        self._wake = asyncio.Event()
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        self.task = loop.create_task(self._run(), name="ledger-writer")
+        if settings.KEYAOS_LEDGER_FSYNC_S > 0:
+            self.fsync_task = loop.create_task(self._fsync(), name="ledger-fsync")
 
     def submit(self, record: RequestRecord) -> None:
-        self.queue.put_nowait(record)
+        """Spool the record: called before the answer's last byte leaves."""
+        try:
+            self.spool.append(record.to_json())
+        except OSError:
+            # The spool's disk failed: keep the record in memory (written, not durable) and say so.
+            logger.exception("ledger: cannot spool %s; kept in memory", record.request_id)
+            self.unspooled.append(record)
+        pending = self.pending
+        if pending > self.largest_backlog:
+            self.largest_backlog = pending
+        if self._wake is not None:
+            self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return self.spool.pending + len(self.unspooled)
 
     async def flush(self) -> None:
-        await self.queue.join()
+        """Wait until every record submitted so far is in the database (or a dead letter)."""
+        while self.pending and self.task is not None and not self.task.done():
+            await asyncio.sleep(0.005)
 
-    async def stop(self, timeout_s: float = 10.0) -> None:
-        try:
-            await asyncio.wait_for(self.flush(), timeout_s)
-        except TimeoutError:
-            logger.error("ledger: %d records not written at shutdown", self.queue.qsize())
-        if self.task is not None:
+    def abandon(self) -> None:
+        """Let go of the spool without writing (the event loop it ran in is gone): the files stay
+        and the next writer takes them over."""
+        if self.task is not None and not self.task.done():
             self.task.cancel()
+        self.spool.close()
+
+    async def stop(self, timeout_s: float = SHUTDOWN_FLUSH_S) -> None:
+        """Write what the spool holds for up to ``timeout_s``; leave the rest in it."""
         loop = asyncio.get_running_loop()
+        written_before = self.written
+        self._deadline = loop.time() + timeout_s
+        if self._wake is not None:
+            self._wake.set()
+        if self.fsync_task is not None:
+            self.fsync_task.cancel()
+        if self.task is not None and not self.task.done():
+            # A batch already in the database's hands may finish after the deadline.
+            done, _ = await asyncio.wait({self.task}, timeout=timeout_s + 5)
+            if not done:
+                self.task.cancel()
+        await asyncio.to_thread(self.spool.fsync)
+        waiting, lost = self.spool.pending, len(self.unspooled)
+        self.spool.close()
+        message = "ledger: %d records written at shutdown, %d wait in the spool %s"
+        log = logger.warning if waiting else logger.info
+        log(message, self.written - written_before, waiting, self.spool.directory)
+        if lost:
+            logger.error("ledger: %d records that could not be spooled are lost", lost)
         for executor in (self.idle_executor, self.executor):
-            await loop.run_in_executor(executor, _close_connection)
+            executor.submit(_close_connection)
             executor.shutdown(wait=False)
 
-    async def _run(self) -> None:
-        while True:
-            batch = [await self.queue.get()]
-            await asyncio.sleep(BATCH_WINDOW_S)
-            while len(batch) < BATCH_SIZE and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            behind = self.queue.qsize() >= BATCH_SIZE
-            await self._write_with_retries(batch, self.executor if behind else self.idle_executor)
-            for _ in batch:
-                self.queue.task_done()
+    # --- the writer task ------------------------------------------------------------------------
 
-    async def _write_with_retries(
-        self, batch: list[RequestRecord], executor: ThreadPoolExecutor
-    ) -> None:
+    def _stopping_late(self) -> bool:
+        return self._deadline is not None and asyncio.get_running_loop().time() >= self._deadline
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self._adopt_orphans()
+        last_scan = loop.time()
+        while not self._stopping_late():
+            if not self.pending:
+                if self._deadline is not None:
+                    return
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), ORPHAN_SCAN_S)
+            if loop.time() - last_scan >= ORPHAN_SCAN_S:
+                await self._adopt_orphans()
+                last_scan = loop.time()
+            if not self.pending:
+                continue
+            age = self.spool.oldest_age_s() or 0.0
+            if self.pending < BEHIND_RECORDS and age < BATCH_WINDOW_S and self._deadline is None:
+                await asyncio.sleep(BATCH_WINDOW_S - age)
+            try:
+                await self._write_next()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("ledger: the writer failed; retrying")
+                await asyncio.sleep(1)
+
+    async def _adopt_orphans(self) -> None:
+        adopted, torn = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self.spool.adopt_orphans
+        )
+        if torn:
+            refused = [
+                Refused(raw.decode(errors="replace"), "incomplete record: its process died")
+                for raw in torn
+            ]
+            await self._add_dead_letters(refused)
+        self.spool.add_adopted(adopted)
+        count = sum(len(spool_file.records) for spool_file in adopted)
+        if count:
+            logger.warning(
+                "ledger: replaying %d spooled records of %d stopped process(es)",
+                count,
+                len(adopted),
+            )
+            self._wake.set()
+
+    async def _write_next(self) -> None:
+        if self.unspooled:
+            records = self.unspooled[:BATCH_SIZE]
+            await self._write_with_retries([prepare(record) for record in records], [])
+            del self.unspooled[: len(records)]
+            self.written += len(records)
+            return
+        batch = self.spool.next_batch(BATCH_SIZE)
+        if batch is None:
+            return
+        try:
+            entries, refused = await self._prepare(batch)
+            await self._write_with_retries(entries, refused)
+        except BaseException:
+            self.spool.release(batch)
+            raise
+        self.spool.commit(batch)
+        self.written += batch.count
+
+    async def _prepare(self, batch: Batch) -> tuple[list[Entry], list[Refused]]:
+        loop = asyncio.get_running_loop()
+        if self.pending < BEHIND_RECORDS and not self._idle_busy:
+            self._idle_busy = True
+            future = loop.run_in_executor(self.idle_executor, self._prepare_batch, batch)
+            future.add_done_callback(self._idle_done)
+            done, _ = await asyncio.wait({future}, timeout=IDLE_PATIENCE_S)
+            if done:
+                return future.result()
+            # The core is saturated: prepare again at normal priority; the idle thread's
+            # result, whenever it comes, is dropped (preparing touches no database).
+        return await loop.run_in_executor(self.executor, self._prepare_batch, batch)
+
+    def _idle_done(self, future: asyncio.Future) -> None:
+        self._idle_busy = False
+        if not future.cancelled():
+            future.exception()  # retrieved: a failure is handled by the normal-priority retry
+
+    def _prepare_batch(self, batch: Batch) -> tuple[list[Entry], list[Refused]]:
+        return prepare_lines(self.spool.read(batch))
+
+    async def _write_with_retries(self, entries: list[Entry], refused: list[Refused]) -> None:
+        loop = asyncio.get_running_loop()
         backoff = 0.2
         while True:
             try:
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(executor, _write_keeping_connection, batch)
-                return
-            except asyncio.CancelledError:
-                raise
-            except (OperationalError, InterfaceError):
-                logger.exception("ledger: the database is unavailable; retrying %d", len(batch))
-                await asyncio.sleep(backoff)
+                _, more = await loop.run_in_executor(self.executor, write_isolating, entries)
+                break
+            except (OperationalError, InterfaceError) as error:
+                if not self._unavailable:
+                    logger.error(
+                        "ledger: the database is unavailable (%s); %d records wait in the "
+                        "spool and are retried",
+                        error,
+                        self.pending,
+                    )
+                self._unavailable = True
+                if self._stopping_late():
+                    raise
+                await asyncio.sleep(min(backoff, max(self._time_left(), 0.01)))
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
-            except Exception:
-                # One record the database refuses must not hold back every later one.
-                if len(batch) == 1:
-                    logger.exception("ledger: cannot write %r; dropped", batch[0])
-                    return
-                for record in batch:
-                    await self._write_with_retries([record], executor)
-                return
+        if self._unavailable:
+            logger.warning("ledger: the database is back; writing the spool")
+            self._unavailable = False
+        if refused or more:
+            await self._add_dead_letters(refused + more)
+
+    def _time_left(self) -> float:
+        if self._deadline is None:
+            return MAX_BACKOFF_S
+        return self._deadline - asyncio.get_running_loop().time()
+
+    async def _add_dead_letters(self, refused: list[Refused]) -> None:
+        for item in refused:
+            logger.error("ledger: record refused, kept as a dead letter: %s", item.reason)
+        await asyncio.get_running_loop().run_in_executor(
+            self.executor, self.spool.add_dead_letters, [item.dead_letter() for item in refused]
+        )
+        self.dead_letters += len(refused)
+
+    async def _fsync(self) -> None:
+        while True:
+            await asyncio.sleep(settings.KEYAOS_LEDGER_FSYNC_S)
+            await asyncio.to_thread(self.spool.fsync)

@@ -87,6 +87,17 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def writable_directory(name: str, path: Path) -> Path:
+    """``path``, created (mode 0700) if missing; stops start-up when this user cannot write it."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as error:
+        raise ImproperlyConfigured(f"{name}: cannot create {path}: {error.strerror}") from None
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise ImproperlyConfigured(f"{name}: {path} is not a directory this user can write to")
+    return path
+
+
 def read_or_create_state_file(path: Path, generate) -> str:
     """Return the secret kept in ``path``, creating it (mode 0600) on first use.
 

@@ -27,6 +27,7 @@ from keyaos.env import (
     generate_secret_key,
     is_fernet_key,
     read_or_create_state_file,
+    writable_directory,
 )
 from keyaos.lib.logs import logging_config
 
@@ -245,3 +246,17 @@ KEYAOS_METRICS = env_bool("KEYAOS_METRICS", True)
 KEYAOS_METRICS_TOKEN = env_str("KEYAOS_METRICS_TOKEN") or ""
 KEYAOS_DRAIN_S = env_float("KEYAOS_DRAIN_S", 600.0)
 KEYAOS_DRAIN_NOTICE_S = env_float("KEYAOS_DRAIN_NOTICE_S", 5.0)
+
+# The ledger's spool (README, "What survives a crash"): embedded, in the state folder; in
+# production an explicit directory on a local disk, since it holds the record of money spent.
+_spool_dir = env_str("KEYAOS_LEDGER_SPOOL_DIR")
+if not _spool_dir and not EMBEDDED:
+    raise ImproperlyConfigured(
+        "KEYAOS_LEDGER_SPOOL_DIR is not set. It is required when DATABASE_URL is set (production): "
+        "a directory on a local disk, one per machine, where each gateway process keeps the "
+        "ledger records not yet in the database; see README, 'Settings'."
+    )
+KEYAOS_LEDGER_SPOOL_DIR = writable_directory(
+    "KEYAOS_LEDGER_SPOOL_DIR", Path(_spool_dir) if _spool_dir else STATE_DIR / "spool"
+)
+KEYAOS_LEDGER_FSYNC_S = env_float("KEYAOS_LEDGER_FSYNC_S", 0.0)

@@ -76,6 +76,7 @@ class Runtime:
             self.snapshot = snapshot
             self.board.adopt(snapshot.keys)
             self.checked_at = time.monotonic()
+            self.ledger.abandon()  # a writer of an earlier event loop leaves its spool files
             self.ledger = LedgerWriter()
             self.ledger.start()
             self._poller = loop.create_task(self._poll(), name="snapshot-poller")

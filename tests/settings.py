@@ -14,7 +14,16 @@ if "KEYAOS_STATE_DIR" not in os.environ:
     os.environ["KEYAOS_STATE_DIR"] = tempfile.mkdtemp(prefix="keyaos-test-")
     atexit.register(shutil.rmtree, os.environ["KEYAOS_STATE_DIR"], ignore_errors=True)
 
-from keyaos.settings import *  # noqa: F403
+# On PostgreSQL the spool folder must be named; it is not exported, so that a gateway a test
+# starts in another process never shares this one's spool (each needs its own).
+_SPOOL = "KEYAOS_LEDGER_SPOOL_DIR"
+_spool_given = _SPOOL in os.environ
+os.environ.setdefault(_SPOOL, os.path.join(os.environ["KEYAOS_STATE_DIR"], "spool"))
+try:
+    from keyaos.settings import *  # noqa: F403
+finally:
+    if not _spool_given:
+        del os.environ[_SPOOL]
 
 STORAGES["staticfiles"] = {  # noqa: F405
     "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"

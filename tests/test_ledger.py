@@ -84,16 +84,16 @@ def test_200_concurrent_requests_give_200_rows_that_add_up_to_the_balance_drop(
 def test_a_brief_database_outage_loses_no_record(setup, gateway, fake_upstream, monkeypatch):
     key, _, client_key = setup
     fake_upstream.handle("POST", PATH, priced_answer)
-    real_write = billing.recorder.write_records
+    real_write = billing.recorder.write_entries
     calls = {"failed": 0}
 
-    def flaky_write(records):
+    def flaky_write(entries):
         if calls["failed"] < 2:
             calls["failed"] += 1
             raise OperationalError("the database is restarting")
-        real_write(records)
+        return real_write(entries)
 
-    monkeypatch.setattr(billing.recorder, "write_records", flaky_write)
+    monkeypatch.setattr(billing.recorder, "write_entries", flaky_write)
 
     statuses = asyncio.run(send_all(gateway.url, client_key, 20))
 
@@ -108,20 +108,21 @@ def test_a_brief_database_outage_loses_no_record(setup, gateway, fake_upstream, 
 def test_a_writer_that_falls_behind_catches_up_without_losing_a_record(
     setup, gateway, fake_upstream, monkeypatch
 ):
-    """Batches of 5: 200 requests leave a backlog, whose batches go to the writer thread at
-    normal priority instead of the one that runs only when the core is idle."""
+    """Batches of 5: 200 requests leave a backlog, whose batches are prepared by the writer
+    thread at normal priority instead of the one that runs only when the core is idle."""
     key, _, client_key = setup
     fake_upstream.handle("POST", PATH, priced_answer)
     monkeypatch.setattr(billing.recorder, "BATCH_SIZE", 5)
+    monkeypatch.setattr(billing.recorder, "BEHIND_RECORDS", 10)
     writes = {"idle": 0, "normal": 0}
-    real_write = billing.recorder._write_keeping_connection
+    real_prepare = billing.recorder.prepare_lines
 
-    def counting_write(records):
+    def counting_prepare(lines):
         thread = threading.current_thread().name
         writes["idle" if thread.startswith("ledger-writer-idle") else "normal"] += 1
-        real_write(records)
+        return real_prepare(lines)
 
-    monkeypatch.setattr(billing.recorder, "_write_keeping_connection", counting_write)
+    monkeypatch.setattr(billing.recorder, "prepare_lines", counting_prepare)
 
     assert asyncio.run(send_all(gateway.url, client_key, 200)) == [200] * 200
     gateway.flush_ledger()

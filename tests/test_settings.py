@@ -31,6 +31,7 @@ print(json.dumps({
     "ENGINE": settings.DATABASES["default"]["ENGINE"],
     "NAME": str(settings.DATABASES["default"]["NAME"]),
     "OPTIONS": settings.DATABASES["default"].get("OPTIONS", {}),
+    "KEYAOS_LEDGER_SPOOL_DIR": str(settings.KEYAOS_LEDGER_SPOOL_DIR),
 }))
 """
 
@@ -94,20 +95,47 @@ def test_it_prefers_secrets_from_the_environment_over_state_files(tmp_path):
     assert not (tmp_path / "keyaos_encryption_keys").exists()
 
 
+def production(tmp_path: Path, **environ: str) -> dict[str, str]:
+    return {
+        "DATABASE_URL": DATABASE_URL,
+        "SECRET_KEY": SECRET_KEY,
+        "KEYAOS_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+        "KEYAOS_LEDGER_SPOOL_DIR": str(tmp_path.with_name(tmp_path.name + "-spool")),
+        **environ,
+    }
+
+
 def test_it_uses_postgresql_with_a_connection_pool_when_database_url_is_set(tmp_path):
-    settings = loaded(
-        load_settings(
-            tmp_path,
-            DATABASE_URL=DATABASE_URL,
-            SECRET_KEY=SECRET_KEY,
-            KEYAOS_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
-        )
-    )
+    settings = loaded(load_settings(tmp_path, **production(tmp_path)))
 
     assert settings["ENGINE"] == "django.db.backends.postgresql"
     assert settings["NAME"] == "keyaos"
     assert settings["OPTIONS"]["pool"]["max_size"] == 10
     assert list(tmp_path.iterdir()) == []
+    spool = Path(settings["KEYAOS_LEDGER_SPOOL_DIR"])
+    assert spool.is_dir() and stat.S_IMODE(spool.stat().st_mode) == 0o700
+
+
+def test_it_keeps_the_ledger_spool_in_the_state_folder_when_embedded(tmp_path):
+    assert loaded(load_settings(tmp_path))["KEYAOS_LEDGER_SPOOL_DIR"] == str(tmp_path / "spool")
+
+
+def test_it_refuses_to_start_without_a_spool_directory_when_database_url_is_set(tmp_path):
+    environ = production(tmp_path)
+    del environ["KEYAOS_LEDGER_SPOOL_DIR"]
+
+    result = load_settings(tmp_path, **environ)
+
+    assert "ImproperlyConfigured: KEYAOS_LEDGER_SPOOL_DIR is not set" in error_line(result)
+
+
+def test_it_refuses_a_spool_directory_it_cannot_create(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    spool = tmp_path / "a-file" / "spool"
+
+    result = load_settings(tmp_path, **production(tmp_path, KEYAOS_LEDGER_SPOOL_DIR=str(spool)))
+
+    assert f"KEYAOS_LEDGER_SPOOL_DIR: cannot create {spool}" in error_line(result)
 
 
 def test_it_refuses_to_start_without_secret_key_when_database_url_is_set(tmp_path):
