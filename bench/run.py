@@ -64,6 +64,9 @@ TARGETS = {
     "added_ttft_p50_ms_c1": 2.0,
     "peak_memory_mb": 150.0,
     "startup_s": 3.0,
+    # Records waiting for the database at the top concurrency, in ms of that phase's traffic;
+    # and the writer must move at least 5x the peak request rate (checked in ``targets``).
+    "ledger_backlog_ms": 100.0,
 }
 
 
@@ -167,6 +170,7 @@ def prepare(args: argparse.Namespace) -> Bench:
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "keyaos.settings",
         "KEYAOS_STATE_DIR": str(state_dir),
+        "KEYAOS_LEDGER_SPOOL_DIR": str(state_dir / "spool"),
         "PYTHONUNBUFFERED": "1",
         "KEYAOS_METRICS": "true" if args.metrics == "on" else "false",
     }
@@ -399,12 +403,49 @@ def run_load(bench: Bench, target: str, mode: str, concurrency: int, duration: f
     profiler = None
     if through_gateway and bench.args.profile and concurrency == max(bench.args.concurrency):
         profiler = start_profiler(bench, mode, bench.args.warmup + duration)
+    spool = Path(bench.env["KEYAOS_LEDGER_SPOOL_DIR"])
+    sampler = BacklogSampler(spool) if through_gateway else None
     result = read_load_result(process, bench.args.warmup + duration + 120)
     if profiler is not None:
         result["profile"] = finish_profiler(*profiler)
+    if sampler is not None:
+        result["ledger_backlog"] = sampler.finish(result.get("rps"))
     if through_gateway:
         bench.sent_to_gateway += result["sent"]
     return result
+
+
+class BacklogSampler:
+    """Reads the gateway's spool every few milliseconds while the load runs: the largest number
+    of records waiting for the database, and the oldest one's age (``billing.spool``)."""
+
+    def __init__(self, directory: Path, interval_s: float = 0.005) -> None:
+        import threading
+
+        self.directory, self.interval_s = directory, interval_s
+        self.largest, self.oldest_s, self.samples = 0, 0.0, 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        from billing.spool import ledger_backlog
+
+        while not self.stopped.wait(self.interval_s):
+            backlog = ledger_backlog(self.directory)
+            self.samples += 1
+            self.largest = max(self.largest, backlog.records)
+            self.oldest_s = max(self.oldest_s, backlog.oldest_age_s or 0.0)
+
+    def finish(self, rps: float | None) -> dict:
+        self.stopped.set()
+        self.thread.join()
+        return {
+            "largest_records": self.largest,
+            "largest_ms_of_traffic": round(self.largest / rps * 1000, 1) if rps else None,
+            "oldest_age_ms": round(self.oldest_s * 1000, 1),
+            "samples": self.samples,
+        }
 
 
 def phase(bench: Bench, mode: str, concurrency: int) -> dict:
@@ -617,22 +658,36 @@ def _slope(samples: list[list[float]]) -> float | None:
 # --- report --------------------------------------------------------------------------------------
 
 
-def check_ledger(bench: Bench) -> dict:
+def run_module(bench: Bench, module: str, *args: str, timeout_s: float = 120) -> dict:
+    """Run ``python -m MODULE ARGS`` with the bench's environment; its last line of JSON."""
     process = subprocess.run(
-        [
-            sys.executable,
-            *("-m", "bench.ledger_check", "--ids", str(bench.ids_file)),
-            *("--sent", str(bench.sent_to_gateway)),
-        ],
+        [sys.executable, "-m", module, *args],
         cwd=BASE_DIR,
         env=bench.env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout_s,
     )
     if process.returncode:
         return {"ok": False, "error": process.stderr[-2000:]}
     return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def check_ledger(bench: Bench) -> dict:
+    return run_module(
+        bench,
+        "bench.ledger_check",
+        "--ids",
+        str(bench.ids_file),
+        "--sent",
+        str(bench.sent_to_gateway),
+    )
+
+
+def measure_writer(bench: Bench) -> dict:
+    """The writer's rows per second on the bench database (``bench.ledger_rate``)."""
+    records = str(bench.args.writer_records)
+    return run_module(bench, "bench.ledger_rate", "--records", records, timeout_s=600)
 
 
 def machine() -> dict:
@@ -669,7 +724,7 @@ def translation_cpu_ms(rows: list[dict]) -> float | None:
     return round(max(extra), 3) if extra else None
 
 
-def targets(rows: list[dict], startup_s: float, peak_mb: float) -> dict:
+def targets(rows: list[dict], startup_s: float, peak_mb: float, writer: dict | None = None) -> dict:
     def worst(mode: str) -> float | None:
         values = [r["cpu_ms_per_request"] for r in rows if r["mode"] == mode]
         values = [v for v in values if v is not None]
@@ -702,6 +757,27 @@ def targets(rows: list[dict], startup_s: float, peak_mb: float) -> dict:
     }
     errors_at_top = sum(r["errors"] for r in rows if r["concurrency"] == top)
     checks[f"errors_at_c{top}"] = {"value": errors_at_top, "target": 0, "met": errors_at_top == 0}
+    backlogs = [
+        r["keyaos"]["ledger_backlog"]["largest_ms_of_traffic"]
+        for r in rows
+        if r["concurrency"] == top and r["keyaos"].get("ledger_backlog")
+    ]
+    backlogs = [value for value in backlogs if value is not None]
+    if backlogs:
+        worst_backlog = max(backlogs)
+        checks[f"ledger_backlog_ms_c{top}"] = {
+            "value": worst_backlog,
+            "target": TARGETS["ledger_backlog_ms"],
+            "met": worst_backlog <= TARGETS["ledger_backlog_ms"],
+        }
+    peak_rps = max((r["keyaos"]["rps"] or 0 for r in rows), default=0)
+    rate = (writer or {}).get("rows_per_s")
+    if rate and peak_rps:
+        checks["writer_rows_per_s"] = {
+            "value": rate,
+            "target": f">={round(5 * peak_rps)}",
+            "met": rate >= 5 * peak_rps,
+        }
     return checks
 
 
@@ -791,6 +867,24 @@ def report(result: dict) -> str:
             f"max {memory['max_mb']} MB, slope {memory['slope_mb_per_min']} MB/min "
             f"({'flat' if memory['flat'] else 'GROWING'})",
         ]
+    backlog_lines = [
+        f"  {row['mode']:<6} c{row['concurrency']:<3} largest {b['largest_records']} records "
+        f"({b['largest_ms_of_traffic']} ms of traffic), oldest waited {b['oldest_age_ms']} ms"
+        for row in result.get("phases", [])
+        if (b := row["keyaos"].get("ledger_backlog"))
+    ]
+    if backlog_lines:
+        lines += ["", "ledger backlog (records spooled, not yet in the database):", *backlog_lines]
+    writer = result.get("ledger_writer")
+    if writer and "rows_per_s" in writer:
+        lines.append(
+            f"ledger writer: {writer['rows_per_s']} rows/s on {writer['database']} "
+            f"({writer['records']} records in batches of {writer['batch_size']}; prepare "
+            f"{writer['prepare_us_per_row']} us/row, transaction {writer['write_us_per_row']} "
+            f"us/row; spool append {writer['spool_append_us']} us/record)"
+        )
+    elif writer:
+        lines.append(f"ledger writer: FAILED {writer.get('error', '')}")
     ledger = result["ledger"]
     lines += [
         "",
@@ -802,9 +896,9 @@ def report(result: dict) -> str:
         lines += ["", "targets:"]
         for name, check in result["targets"].items():
             verdict = {True: "met", False: "MISSED", None: "-"}[check["met"]]
-            lines.append(
-                f"  {name:<26} {_cell(check['value'], 8)}  <= {check['target']:<5} {verdict}"
-            )
+            target = check["target"]
+            bound = target if isinstance(target, str) else f"<= {target}"
+            lines.append(f"  {name:<26} {_cell(check['value'], 8)}  {bound:<8} {verdict}")
     lines += [f"note: {note}" for note in result["notes"]]
     return "\n".join(lines)
 
@@ -839,6 +933,8 @@ def run(args: argparse.Namespace) -> dict:
         peak_mb = proc_status_mb(bench.gateway.pid, "VmHWM")
         rss_mb = proc_status_mb(bench.gateway.pid, "VmRSS")
         stop_gateway(bench)
+        ledger = check_ledger(bench)
+        writer = measure_writer(bench) if bench.args.writer_records else None
         result = {
             "started_at": started_at,
             "machine": this_machine,
@@ -864,8 +960,9 @@ def run(args: argparse.Namespace) -> dict:
             "phases": rows,
             "routing": routing,
             "soak": soak_result,
-            "ledger": check_ledger(bench),
-            "targets": targets(rows, startup_s, peak_mb) if rows else None,
+            "ledger": ledger,
+            "ledger_writer": writer,
+            "targets": targets(rows, startup_s, peak_mb, writer) if rows else None,
             "limited_rps_share": limited_rps_share(rows),
             "notes": bench.notes,
         }
@@ -926,6 +1023,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--metrics", choices=("on", "off"), default="on", help="Prometheus metrics (KEYAOS_METRICS)"
     )
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers (WEB_CONCURRENCY)")
+    parser.add_argument(
+        "--writer-records", type=int, default=20000, help="records for the writer's rate; 0: skip"
+    )
     parser.add_argument("--database-name", default="keyaos_bench", help="PostgreSQL only")
     parser.add_argument("--output", type=Path, help="default: bench/results/latest.json")
     parser.add_argument("--keep", action="store_true", help="keep the state folder and database")

@@ -18,8 +18,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import sys
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -43,19 +41,14 @@ from providers.models import MONEY_DIGITS, Provider, UpstreamKey
 logger = logging.getLogger("keyaos.ledger")
 
 BATCH_SIZE = 500
-# A batch waits this long for company once its first record is spooled (unless behind).
+# A batch waits this long for company once its first record is spooled (not when behind).
 BATCH_WINDOW_S = 0.025
-# Behind: this many records waiting, or the idle thread did not get to a batch in time; the
-# batch is then prepared at normal priority.
-BEHIND_RECORDS = 200
-IDLE_PATIENCE_S = 0.02
+# Records prepared on the event loop (about 30 us each) before it takes its next turn.
+PREPARE_SLICE = 100
 MAX_BACKOFF_S = 10.0
 ORPHAN_SCAN_S = 10.0
 SHUTDOWN_FLUSH_S = 5.0
 ERROR_MAX_CHARS = 10_000
-# The event loop waits at most this long for the GIL while a writer thread holds it (Python's
-# default is 5 ms, all of which a request that needs the loop would wait).
-SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass
@@ -203,19 +196,23 @@ def prepare(record: RequestRecord, source: dict[str, Any] | None = None) -> Entr
     )
 
 
+def prepare_line(line: bytes) -> Entry | Refused:
+    """A spool line as an entry; one that cannot be read or priced is refused, not lost."""
+    try:
+        data = json.loads(line)["record"]
+    except (ValueError, KeyError, TypeError) as error:
+        return Refused(line.decode(errors="replace"), f"unreadable: {error}")
+    try:
+        return prepare(RequestRecord.from_json(data), data)
+    except Exception as error:
+        return Refused(data, f"cannot be prepared: {type(error).__name__}: {error}")
+
+
 def prepare_lines(lines: list[bytes]) -> tuple[list[Entry], list[Refused]]:
-    """Spool lines to entries; a line that cannot be read or priced is refused, not lost."""
     entries, refused = [], []
     for line in lines:
-        try:
-            data = json.loads(line)["record"]
-        except (ValueError, KeyError, TypeError) as error:
-            refused.append(Refused(line.decode(errors="replace"), f"unreadable: {error}"))
-            continue
-        try:
-            entries.append(prepare(RequestRecord.from_json(data), data))
-        except Exception as error:
-            refused.append(Refused(data, f"cannot be prepared: {type(error).__name__}: {error}"))
+        prepared = prepare_line(line)
+        (refused if isinstance(prepared, Refused) else entries).append(prepared)
     return entries, refused
 
 
@@ -417,15 +414,6 @@ def _ledger_row(record: RequestRecord, cost: Cost | None) -> dict[str, Any]:
     return row
 
 
-def _run_when_idle() -> None:
-    """Put the calling thread (not the process: Linux schedules threads) in the idle class.
-
-    Other systems have no per-thread equivalent; there the thread keeps normal priority.
-    """
-    if hasattr(os, "SCHED_IDLE"):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-
-
 def _close_connection() -> None:
     """Close this thread's connection (``connection`` resolves per thread when called here)."""
     connection.close()
@@ -434,31 +422,27 @@ def _close_connection() -> None:
 class LedgerWriter:
     """Spools records on the request path and moves them to the database in batches.
 
-    A batch is read from the spool and prepared (the Python work: decoding, costs, row values)
-    by a thread in Linux's ``SCHED_IDLE`` class, which runs only when the core has nothing else
-    to do and gives way the moment a request needs it: at normal priority those milliseconds
-    landed in the latency of every request that overlapped a batch (the gateway's p99 at
-    concurrency 1). When the writer is behind (``BEHIND_RECORDS`` waiting) or the idle thread
-    did not get to a batch within ``IDLE_PATIENCE_S`` (a saturated core, where it would crawl),
-    the batch is prepared at normal priority instead. The transaction itself always runs on the
-    normal-priority thread: it holds locks (the key rows it debits) and must not crawl, and it
-    mostly waits for the database, without the GIL. Each thread keeps its database connection.
+    A batch is read back from the spool and prepared (decoding, costs, row values: the Python
+    work, about 30 us a record) on the event loop itself, up to ``PREPARE_SLICE`` records between
+    two turns of the loop, so it takes its share of the core in small pieces. The transaction runs
+    on a thread of its own that keeps its database connection: it mostly waits for the database,
+    without the GIL. Python work in a thread does not get its share: a thread waiting for the
+    GIL asks for it only after a whole switch interval in which the GIL never changed hands, and
+    the loop thread hands it over and takes it back at every poll, so under load such a thread
+    crawled (the writer used to, at about 1,200 rows/s); in Linux's idle scheduling class it
+    could even hold the GIL while preempted and stall the process until a core went idle.
     """
 
     def __init__(self, directory: Path | None = None) -> None:
         self.spool = Spool(directory or settings.KEYAOS_LEDGER_SPOOL_DIR)
         self.task: asyncio.Task | None = None
         self.fsync_task: asyncio.Task | None = None
-        self.idle_executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="ledger-writer-idle", initializer=_run_when_idle
-        )
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
         self.unspooled: list[RequestRecord] = []
         self.written = 0  # records moved from the spool to the database (or dead letters)
         self.dead_letters = 0
         self.largest_backlog = 0
         self._wake: asyncio.Event | None = None
-        self._idle_busy = False
         self._deadline: float | None = None
         self._unavailable = False
 
@@ -468,7 +452,6 @@ class LedgerWriter:
         loop = asyncio.get_running_loop()
         self.spool.open()
         self._wake = asyncio.Event()
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self.task = loop.create_task(self._run(), name="ledger-writer")
         if settings.KEYAOS_LEDGER_FSYNC_S > 0:
             self.fsync_task = loop.create_task(self._fsync(), name="ledger-fsync")
@@ -525,9 +508,8 @@ class LedgerWriter:
         log(message, self.written - written_before, waiting, self.spool.directory)
         if lost:
             logger.error("ledger: %d records that could not be spooled are lost", lost)
-        for executor in (self.idle_executor, self.executor):
-            executor.submit(_close_connection)
-            executor.shutdown(wait=False)
+        self.executor.submit(_close_connection)
+        self.executor.shutdown(wait=False)
 
     # --- the writer task ------------------------------------------------------------------------
 
@@ -551,7 +533,7 @@ class LedgerWriter:
             if not self.pending:
                 continue
             age = self.spool.oldest_age_s() or 0.0
-            if self.pending < BEHIND_RECORDS and age < BATCH_WINDOW_S and self._deadline is None:
+            if age < BATCH_WINDOW_S and self._deadline is None:
                 await asyncio.sleep(BATCH_WINDOW_S - age)
             try:
                 await self._write_next()
@@ -601,25 +583,17 @@ class LedgerWriter:
         self.written += batch.count
 
     async def _prepare(self, batch: Batch) -> tuple[list[Entry], list[Refused]]:
-        loop = asyncio.get_running_loop()
-        if self.pending < BEHIND_RECORDS and not self._idle_busy:
-            self._idle_busy = True
-            future = loop.run_in_executor(self.idle_executor, self._prepare_batch, batch)
-            future.add_done_callback(self._idle_done)
-            done, _ = await asyncio.wait({future}, timeout=IDLE_PATIENCE_S)
-            if done:
-                return future.result()
-            # The core is saturated: prepare again at normal priority; the idle thread's
-            # result, whenever it comes, is dropped (preparing touches no database).
-        return await loop.run_in_executor(self.executor, self._prepare_batch, batch)
-
-    def _idle_done(self, future: asyncio.Future) -> None:
-        self._idle_busy = False
-        if not future.cancelled():
-            future.exception()  # retrieved: a failure is handled by the normal-priority retry
-
-    def _prepare_batch(self, batch: Batch) -> tuple[list[Entry], list[Refused]]:
-        return prepare_lines(self.spool.read(batch))
+        """Prepare on the loop, giving it back after every ``PREPARE_SLICE`` records. Not more
+        often: under load one turn of the loop is many milliseconds, and a writer that yields
+        after each millisecond of work would fall behind by a turn each time."""
+        entries: list[Entry] = []
+        refused: list[Refused] = []
+        for number, line in enumerate(self.spool.read(batch), start=1):
+            prepared = prepare_line(line)
+            (refused if isinstance(prepared, Refused) else entries).append(prepared)
+            if number % PREPARE_SLICE == 0:
+                await asyncio.sleep(0)
+        return entries, refused
 
     async def _write_with_retries(self, entries: list[Entry], refused: list[Refused]) -> None:
         loop = asyncio.get_running_loop()

@@ -29,6 +29,7 @@ def test_a_tiny_bench_runs_end_to_end_and_finds_one_ledger_row_per_request(tmp_p
             sys.executable,
             *("-m", "bench.run", "--concurrency", "2", "--duration", "0.5"),
             *("--warmup", "0.1", "--output", str(output), "--database-name", database),
+            *("--writer-records", "500"),
         ],
         cwd=BASE_DIR,
         env=env,
@@ -60,6 +61,11 @@ def test_a_tiny_bench_runs_end_to_end_and_finds_one_ledger_row_per_request(tmp_p
     assert ledger["ok"] and ledger["rows"] == ledger["sent"] == ledger["answered_ids"]
     assert ledger["outcomes"] == {"ok": ledger["rows"]}
     assert "cpu_ms_per_request_json" in result["targets"]
+    for row in result["phases"]:
+        assert row["keyaos"]["ledger_backlog"]["samples"] > 0
+    writer = result["ledger_writer"]
+    assert writer["records"] == 500 and writer["rows_per_s"] > 0
+    assert "writer_rows_per_s" in result["targets"] and "ledger_backlog_ms_c2" in result["targets"]
     assert "ledger:" in completed.stdout and "cpu ms/req" in completed.stdout
 
 

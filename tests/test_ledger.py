@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import threading
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -108,41 +106,26 @@ def test_a_brief_database_outage_loses_no_record(setup, gateway, fake_upstream, 
 def test_a_writer_that_falls_behind_catches_up_without_losing_a_record(
     setup, gateway, fake_upstream, monkeypatch
 ):
-    """Batches of 5: 200 requests leave a backlog, whose batches are prepared by the writer
-    thread at normal priority instead of the one that runs only when the core is idle."""
+    """Batches of 5: 200 concurrent requests leave a backlog that is written batch after batch."""
     key, _, client_key = setup
     fake_upstream.handle("POST", PATH, priced_answer)
     monkeypatch.setattr(billing.recorder, "BATCH_SIZE", 5)
-    monkeypatch.setattr(billing.recorder, "BEHIND_RECORDS", 10)
-    writes = {"idle": 0, "normal": 0}
-    real_prepare = billing.recorder.prepare_lines
+    sizes = []
+    real_write = billing.recorder.write_entries
 
-    def counting_prepare(lines):
-        thread = threading.current_thread().name
-        writes["idle" if thread.startswith("ledger-writer-idle") else "normal"] += 1
-        return real_prepare(lines)
+    def counting_write(entries):
+        sizes.append(len(entries))
+        return real_write(entries)
 
-    monkeypatch.setattr(billing.recorder, "prepare_lines", counting_prepare)
+    monkeypatch.setattr(billing.recorder, "write_entries", counting_write)
 
     assert asyncio.run(send_all(gateway.url, client_key, 200)) == [200] * 200
     gateway.flush_ledger()
 
     assert LedgerEntry.objects.count() == 200
-    assert writes["normal"] > 0 and writes["idle"] > 0
+    assert sum(sizes) == 200 and max(sizes) == 5
     key.refresh_from_db()
     assert Decimal("10") - key.balance == LedgerEntry.objects.aggregate(t=Sum("cost"))["t"]
-
-
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling classes")
-def test_batches_are_written_in_the_idle_scheduling_class_and_only_the_backlog_is_not(gateway):
-    from routing.runtime import runtime
-
-    def policy(executor) -> int:
-        return executor.submit(os.sched_getscheduler, 0).result()
-
-    assert policy(runtime.ledger.idle_executor) == os.SCHED_IDLE
-    assert policy(runtime.ledger.executor) == os.SCHED_OTHER
-    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the thread, not the process
 
 
 def test_a_rejected_request_of_a_known_key_still_gets_a_row(setup, gateway):
