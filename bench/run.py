@@ -213,8 +213,9 @@ def finish(process: subprocess.Popen, stdin: str | None = None) -> str:
     return out
 
 
-def seed(bench: Bench) -> None:
-    """Provider, offer, upstream key and client key, through the real management commands."""
+def seed(bench: Bench, *, balance: str | None = None) -> None:
+    """Provider, offer, upstream key (``balance`` in USD, or unknown) and client key, through the
+    real management commands."""
     finish(manage(bench, "migrate", "--noinput"))
     base_url = f"http://127.0.0.1:{bench.upstream_port}/v1"
     provider = manage(
@@ -230,7 +231,10 @@ def seed(bench: Bench) -> None:
     )
     finish(provider)
     price = manage(bench, "set_price", PROVIDER, MODEL, "--input", "1", "--output", "2", "--create")
-    upstream_key = manage(bench, "add_upstream_key", PROVIDER, "--label", "bench", stdin="")
+    balance_args = ("--balance", balance) if balance is not None else ()
+    upstream_key = manage(
+        bench, "add_upstream_key", PROVIDER, "--label", "bench", *balance_args, stdin=""
+    )
     finish(upstream_key, UPSTREAM_SECRET + "\n")
     finish(price)
     bench.api_key = finish(client_key).strip().splitlines()[-1]

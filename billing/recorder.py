@@ -47,7 +47,6 @@ BATCH_WINDOW_S = 0.025
 PREPARE_SLICE = 100
 MAX_BACKOFF_S = 10.0
 ORPHAN_SCAN_S = 10.0
-SHUTDOWN_FLUSH_S = 5.0
 ERROR_MAX_CHARS = 10_000
 
 
@@ -486,8 +485,11 @@ class LedgerWriter:
             self.task.cancel()
         self.spool.close()
 
-    async def stop(self, timeout_s: float = SHUTDOWN_FLUSH_S) -> None:
-        """Write what the spool holds for up to ``timeout_s``; leave the rest in it."""
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Write what the spool holds for up to ``timeout_s`` (``KEYAOS_LEDGER_SHUTDOWN_S``);
+        leave the rest in it for the next start."""
+        if timeout_s is None:
+            timeout_s = settings.KEYAOS_LEDGER_SHUTDOWN_S
         loop = asyncio.get_running_loop()
         written_before = self.written
         self._deadline = loop.time() + timeout_s

@@ -260,3 +260,4 @@ KEYAOS_LEDGER_SPOOL_DIR = writable_directory(
     "KEYAOS_LEDGER_SPOOL_DIR", Path(_spool_dir) if _spool_dir else STATE_DIR / "spool"
 )
 KEYAOS_LEDGER_FSYNC_S = env_float("KEYAOS_LEDGER_FSYNC_S", 0.0)
+KEYAOS_LEDGER_SHUTDOWN_S = env_float("KEYAOS_LEDGER_SHUTDOWN_S", 5.0)

@@ -20,7 +20,7 @@ from billing.recorder import LedgerWriter, RequestRecord
 from billing.spool import DEAD_LETTER_FILE, SUFFIX, ledger_backlog
 from billing.usage import Usage
 from tests.factories import make_client_key, make_key, make_offer, make_provider
-from tests.fake_upstream import chat_completion
+from tests.payloads import chat_completion
 
 MODEL = "openai/gpt-4o-mini"
 
