@@ -15,6 +15,13 @@ import os
 import sys
 
 
+def _money(value) -> str | None:
+    """An exact figure at the money fields' 12 places (SQLite sums in floating point)."""
+    from decimal import Decimal
+
+    return None if value is None else str(Decimal(value).quantize(Decimal("1e-12")))
+
+
 def check(ids_file: str | None, sent: int) -> dict:
     from django.db import connection
     from django.db.models import Count, Sum
@@ -44,25 +51,25 @@ def check(ids_file: str | None, sent: int) -> dict:
         "outcomes": outcomes,
         "database": connection.vendor,
         "cost_by_upstream_key": {
-            str(key): str(total)
+            str(key): _money(total)
             for key, total in LedgerEntry.objects.values_list("upstream_key")
             .annotate(total=Sum("cost"))
             .order_by("upstream_key")
             if key is not None
         },
         "balance_by_upstream_key": {
-            str(key): str(balance)
+            str(key): _money(balance)
             for key, balance in UpstreamKey.objects.values_list("pk", "balance")
         },
         "cost_usd_by_client_key": {
-            str(key): str(total)
+            str(key): _money(total)
             for key, total in LedgerEntry.objects.values_list("api_key")
             .annotate(total=Sum("cost_usd"))
             .order_by("api_key")
             if key is not None
         },
         "spent_usd_by_client_key": {
-            str(key): str(spent) for key, spent in ApiKey.objects.values_list("pk", "spent_usd")
+            str(key): _money(spent) for key, spent in ApiKey.objects.values_list("pk", "spent_usd")
         },
     }
 

@@ -24,6 +24,8 @@ from django.core.cache import cache
 from django.db import connection
 from prometheus_client.core import GaugeMetricFamily
 
+from billing.spool import LedgerBacklog
+from billing.spool import ledger_backlog as spool_backlog
 from keyaos.lib import metrics
 from keyaos.lib.db import db_task
 from providers.models import UpstreamKey
@@ -103,17 +105,9 @@ def degraded(gateway: Runtime) -> list[str]:
     return found
 
 
-class LedgerBacklog:
-    def __init__(self, records: int, oldest_age_s: float | None, dead_letters: int) -> None:
-        self.records, self.oldest_age_s, self.dead_letters = records, oldest_age_s, dead_letters
-
-
 def ledger_backlog(gateway: Runtime) -> LedgerBacklog:
-    queue = gateway.ledger.queue
-    waiting = list(getattr(queue, "_queue", ()))
-    oldest = min((record.created_at for record in waiting), default=None)
-    age = None if oldest is None else time.time() - oldest.timestamp()
-    return LedgerBacklog(queue.qsize(), age, 0)
+    """What waits in this machine's spool (every worker's files) and the dead letters."""
+    return spool_backlog(gateway.ledger.spool.directory)
 
 
 def _stale_after_s() -> float:
