@@ -68,7 +68,7 @@ def session_id(headers: Mapping[str, str], body: dict[str, Any], *, client_id: i
         if isinstance(value, str) and value:
             return f"{client_id}:b:{value[:200]}"
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(str(body.get("model")).encode())
+    digest.update(_bytes(str(body.get("model"))))
     system, first_user = _conversation_start(body)
     digest.update(b"\0" + _bytes(system) + b"\0" + _bytes(first_user))
     return f"{client_id}:d:{digest.hexdigest()}"
