@@ -214,7 +214,10 @@ class HealthBoard:
             return None
         if failure in (Failure.INVALID, Failure.EXHAUSTED):
             self.abandon(key, started)
-            self.marked[key.id] = health_after(failure)
+            health = health_after(failure)
+            if self.marked.get(key.id, key.health) == health:
+                return None  # known already: one write and one log line per key, not per request
+            self.marked[key.id] = health
             return failure
         current = self.cooldowns.get(key.id)
         if failure == Failure.RATE_LIMITED:

@@ -171,3 +171,13 @@ def test_a_newer_cooldown_from_another_process_is_adopted_an_older_one_is_not():
     here.record_success(k, here.begin(k, last_resort=True))  # closed here
     here.merge(shared)
     assert k.id not in here.cooldowns
+
+
+def test_concurrent_refusals_of_an_invalid_key_are_persisted_once():
+    board, k = HealthBoard(), key()
+    outcomes = [
+        board.note_failure(k, Failure.INVALID, started=started)
+        for started in [board.begin(k) for _ in range(20)]
+    ]
+    assert outcomes.count(Failure.INVALID) == 1 and outcomes.count(None) == 19
+    assert board.note_failure(key(health="invalid"), Failure.INVALID) is None
