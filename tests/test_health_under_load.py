@@ -131,9 +131,11 @@ def test_a_blip_on_every_key_is_not_an_outage(gateway, fake_upstream):
     def answer(_request):
         now = time.monotonic()
         start = blip.setdefault("start", now + 0.4)
-        if start <= now < start + 0.3:
+        if start <= now < start + 0.3:  # held to the blip's end: every request in flight meets it
             blip["refused"] = blip.get("refused", 0) + 1
-            return DOWN_REPLY
+            return Reply(
+                status=503, json_body={"error": {"message": "blip"}}, delay_s=start + 0.3 - now
+            )
         return OK_REPLY
 
     for path in paths:
@@ -146,7 +148,7 @@ def test_a_blip_on_every_key_is_not_an_outage(gateway, fake_upstream):
         load(gateway.url, client_key, concurrency=20, duration_s=3.5, enough=enough)
     )
     gateway.flush_ledger()
-    assert blip.get("refused", 0) >= 20, "the blip was not met"
+    assert blip.get("refused", 0) >= 10, "the blip was not met"
     after, counted = served_share(results, since=blip["start"] + 0.3 + 2.0)
     assert counted >= 100
     assert after >= 0.99, f"{after:.1%} of {counted} requests served after the blip"
