@@ -45,7 +45,7 @@ def world(gateway, fake_upstream, keys_per_provider: int, providers: int = 1):
 
 async def load(url: str, client_key: str, *, concurrency: int, duration_s: float, enough=None):
     """``concurrency`` clients asking one after another for ``duration_s`` (or, with
-    ``enough(results)``, until it holds, at most 20 s): a list of (started, status)."""
+    ``enough(results)``, until it holds, at most 30 s): a list of (started, status)."""
     results: list[tuple[float, int]] = []
     started_at = time.monotonic()
 
@@ -53,7 +53,7 @@ async def load(url: str, client_key: str, *, concurrency: int, duration_s: float
         now = time.monotonic()
         if enough is None:
             return now >= started_at + duration_s
-        return now >= started_at + 20 or (now >= started_at + duration_s and enough(results))
+        return now >= started_at + 30 or (now >= started_at + duration_s and enough(results))
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(
@@ -142,7 +142,7 @@ def test_a_blip_on_every_key_is_not_an_outage(gateway, fake_upstream):
         fake_upstream.handle("POST", path, answer)
 
     def enough(results) -> bool:  # a machine shared with other work may serve slowly
-        return "start" in blip and served_share(results, since=blip["start"] + 2.3)[1] >= 100
+        return "start" in blip and served_share(results, since=blip["start"] + 2.3)[1] >= 60
 
     results = asyncio.run(
         load(gateway.url, client_key, concurrency=20, duration_s=3.5, enough=enough)
@@ -150,7 +150,7 @@ def test_a_blip_on_every_key_is_not_an_outage(gateway, fake_upstream):
     gateway.flush_ledger()
     assert blip.get("refused", 0) >= 10, "the blip was not met"
     after, counted = served_share(results, since=blip["start"] + 0.3 + 2.0)
-    assert counted >= 100
+    assert counted >= 60, f"only {counted} requests after the blip in the time allowed"
     assert after >= 0.99, f"{after:.1%} of {counted} requests served after the blip"
 
 
