@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from keyaos.management.commands.serve import proxy_header_options
+from tests.served import session_processes
 from tests.test_make_run import BASE_DIR, embedded_environment, free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -58,8 +59,10 @@ def serving(state_dir, **extra: str):
         assert wait_until(lambda: _up(port), 60)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        # serve puts uvicorn in a process group of its own: kill the whole session.
+        for pid in session_processes(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         process.wait(timeout=10)
 
 
