@@ -160,6 +160,14 @@ class Entry:
     spend_usd: Decimal | None
     period_start: datetime | None
     source: dict[str, Any] | None = None  # the spooled form, for the dead letters
+    record: RequestRecord | None = None  # or the record itself, when it was never decoded
+
+    def spooled_form(self) -> dict[str, Any]:
+        if self.source is not None:
+            return self.source
+        if self.record is not None:
+            return json.loads(self.record.to_json())
+        return {"request_id": self.request_id}
 
 
 @dataclass
@@ -192,6 +200,7 @@ def prepare(record: RequestRecord, source: dict[str, Any] | None = None) -> Entr
         spend_usd=cost.cost_usd if cost is not None and cost.cost_usd else None,
         period_start=budget_period_start(record.budget_period, record.created_at),
         source=source,
+        record=None if source is not None else record,
     )
 
 
@@ -204,7 +213,19 @@ def prepare_line(line: bytes) -> Entry | Refused:
     try:
         return prepare(RequestRecord.from_json(data), data)
     except Exception as error:
-        return Refused(data, f"cannot be prepared: {type(error).__name__}: {error}")
+        return Refused(data, _unprepared(error))
+
+
+def prepare_held(record: RequestRecord) -> Entry | Refused:
+    """A record this process spooled, prepared without reading its line back."""
+    try:
+        return prepare(record)
+    except Exception as error:
+        return Refused(json.loads(record.to_json()), _unprepared(error))
+
+
+def _unprepared(error: Exception) -> str:
+    return f"cannot be prepared: {type(error).__name__}: {error}"
 
 
 def prepare_lines(lines: list[bytes]) -> tuple[list[Entry], list[Refused]]:
@@ -269,7 +290,7 @@ def write_isolating(entries: list[Entry]) -> tuple[int, list[Refused]]:
         if len(entries) == 1:
             entry = entries[0]
             reason = f"{type(error).__name__}: {error}".strip()
-            return 0, [Refused(entry.source or {"request_id": entry.request_id}, reason)]
+            return 0, [Refused(entry.spooled_form(), reason)]
     middle = len(entries) // 2
     first, first_refused = write_isolating(entries[:middle])
     second, second_refused = write_isolating(entries[middle:])
@@ -360,15 +381,17 @@ def _spend_changes(start: datetime | None, amount: Decimal) -> dict[str, Any]:
 
 def _debit_balances(debits: dict[int, Decimal]) -> None:
     """Lower known balances by the list cost, atomically; a key at zero becomes exhausted."""
-    if not debits:
-        return
-    for key_id, amount in sorted(debits.items()):
-        UpstreamKey.objects.filter(pk=key_id, balance__isnull=False).update(
+    debited = [
+        key_id
+        for key_id, amount in sorted(debits.items())
+        if UpstreamKey.objects.filter(pk=key_id, balance__isnull=False).update(
             balance=F("balance") - amount
         )
-    UpstreamKey.objects.filter(
-        pk__in=debits, balance__lte=0, health=UpstreamKey.Health.OK
-    ).mark_exhausted("balance reached zero")
+    ]
+    if debited:  # keys of unknown balance are not debited and cannot run out
+        UpstreamKey.objects.filter(
+            pk__in=debited, balance__lte=0, health=UpstreamKey.Health.OK
+        ).mark_exhausted("balance reached zero")
 
 
 def _ledger_row(record: RequestRecord, cost: Cost | None) -> dict[str, Any]:
@@ -458,7 +481,7 @@ class LedgerWriter:
     def submit(self, record: RequestRecord) -> None:
         """Spool the record: called before the answer's last byte leaves."""
         try:
-            self.spool.append(record.to_json())
+            self.spool.append(record.to_json(), record)
         except OSError:
             # The spool's disk failed: keep the record in memory (written, not durable) and say so.
             logger.exception("ledger: cannot spool %s; kept in memory", record.request_id)
@@ -590,8 +613,9 @@ class LedgerWriter:
         after each millisecond of work would fall behind by a turn each time."""
         entries: list[Entry] = []
         refused: list[Refused] = []
-        for number, line in enumerate(self.spool.read(batch), start=1):
-            prepared = prepare_line(line)
+        held = batch.held is not None
+        for number, item in enumerate(batch.held if held else self.spool.read(batch), start=1):
+            prepared = prepare_held(item) if held else prepare_line(item)
             (refused if isinstance(prepared, Refused) else entries).append(prepared)
             if number % PREPARE_SLICE == 0:
                 await asyncio.sleep(0)

@@ -27,6 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 
@@ -55,8 +56,9 @@ class SpoolFile:
     fd: int
     committed: int
     own: bool
-    # (end offset, spool time) of every record after ``committed``, oldest first.
-    records: deque[tuple[int, float]] = field(default_factory=deque)
+    # (end offset, spool time, the record object when this process spooled it) of every record
+    # after ``committed``, oldest first.
+    records: deque[tuple[int, float, Any]] = field(default_factory=deque)
     end: int = 0
     seq: int = 0
     claimed: int = 0  # records handed to the writer and not yet committed
@@ -80,12 +82,14 @@ class SpoolFile:
 
 @dataclass(frozen=True)
 class Batch:
-    """Records ``[start, stop)`` of ``file``; ``count`` of them."""
+    """Records ``[start, stop)`` of ``file``; ``count`` of them. ``held`` are the record objects
+    themselves when this process spooled them all, so the writer need not read and decode them."""
 
     file: SpoolFile
     start: int
     stop: int
     count: int
+    held: list[Any] | None = None
 
 
 def committed_path(path: Path) -> Path:
@@ -160,8 +164,9 @@ class Spool:
         os.rename(hidden, path)
         return SpoolFile(path=path, fd=fd, committed=0, own=True)
 
-    def append(self, record_json: str) -> None:
-        """One ``write`` of one line: ``{"seq": N, "at": UNIX_TIME, "record": {...}}``."""
+    def append(self, record_json: str, held: Any = None) -> None:
+        """One ``write`` of one line: ``{"seq": N, "at": UNIX_TIME, "record": {...}}``; ``held``
+        (the record itself) stays in memory for the writer until the line is committed."""
         if self.current is None:
             self.open()
         current = self.current
@@ -172,7 +177,7 @@ class Spool:
         if written != len(line):  # a full disk part-way: the line is torn, say so
             raise OSError(errno.ENOSPC, f"short write to {current.path}")
         current.end += written
-        current.records.append((current.end, now))
+        current.records.append((current.end, now, held))
         if current.end >= self.rotate_bytes:
             fresh = self._create()
             with self._lock:
@@ -201,8 +206,14 @@ class Spool:
                 )
                 count = min(limit, len(spool_file.records) - spool_file.claimed)
                 stop = spool_file.records[spool_file.claimed + count - 1][0]
+                held = [
+                    spool_file.records[index][2]
+                    for index in range(spool_file.claimed, spool_file.claimed + count)
+                ]
                 spool_file.claimed += count
-                return Batch(spool_file, start, stop, count)
+                if None in held:
+                    held = None
+                return Batch(spool_file, start, stop, count, held)
         return None
 
     def release(self, batch: Batch) -> None:
@@ -323,7 +334,7 @@ class Spool:
                 first_at = float(json.loads(data[: data.index(b"\n")])["at"])
         while position < complete:
             position = data.index(b"\n", position) + 1
-            spool_file.records.append((committed + position, first_at))
+            spool_file.records.append((committed + position, first_at, None))
         spool_file.end = committed + complete
         return spool_file, data[complete:]
 

@@ -333,7 +333,7 @@ class UpstreamKeyQuerySet(models.QuerySet):
         return self.update(last_error=reason, last_error_at=timezone.now())
 
     def _transition(self, **changes) -> int:
-        key_ids = list(self.values_list("pk", flat=True))
+        key_ids = list(self.order_by().values_list("pk", flat=True))
         changed = self.filter(pk__in=key_ids).update(**changes) if key_ids else 0
         if changed:
             routing_data_changed()
