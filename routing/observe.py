@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from django.conf import settings
 
@@ -58,6 +59,17 @@ class _Names:
 
 
 _names = _Names.of(None)
+_children: dict[tuple, Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, kept: label sets are bounded (see ``keyaos.lib.metrics``),
+    and the library's lookup (checks and a lock) costs as much as the increment."""
+    key = (metric, labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
 
 
 def _names_for(snapshot: Snapshot | None) -> _Names:
@@ -74,18 +86,19 @@ def request_finished(snapshot: Snapshot | None, record: RequestRecord) -> None:
         return
     names = _names_for(snapshot)
     endpoint = record.endpoint
-    metrics.REQUESTS.labels(endpoint, str(record.status_code), record.outcome).inc()
+    _child(metrics.REQUESTS, endpoint, str(record.status_code), record.outcome).inc()
     for attempt in record.attempts:
-        metrics.UPSTREAM_ATTEMPTS.labels(
+        _child(
+            metrics.UPSTREAM_ATTEMPTS,
             names.provider(attempt.provider_id),
             names.key(attempt.upstream_key_id),
             attempt.failure or "ok",
         ).inc()
-    metrics.REQUEST_DURATION.labels(endpoint).observe(record.latency_ms / 1000)
+    _child(metrics.REQUEST_DURATION, endpoint).observe(record.latency_ms / 1000)
     if record.overhead_ms is not None:
-        metrics.OVERHEAD.labels(endpoint).observe(record.overhead_ms / 1000)
+        _child(metrics.OVERHEAD, endpoint).observe(record.overhead_ms / 1000)
     if record.streamed and record.ttfb_ms is not None:
-        metrics.TIME_TO_FIRST_TOKEN.labels(endpoint).observe(record.ttfb_ms / 1000)
+        _child(metrics.TIME_TO_FIRST_TOKEN, endpoint).observe(record.ttfb_ms / 1000)
     cost = None
     if record.provider_id is not None:
         provider = names.provider(record.provider_id)
@@ -96,17 +109,17 @@ def request_finished(snapshot: Snapshot | None, record: RequestRecord) -> None:
             ("cached", usage.cached_tokens),
         ):
             if count:
-                metrics.TOKENS.labels(provider, kind).inc(count)
+                _child(metrics.TOKENS, provider, kind).inc(count)
         cost = record.cost()
         if cost is not None:
-            metrics.COST.labels(provider, cost.currency).inc(float(cost.list_cost))
-            metrics.COST_USD.labels(provider).inc(float(cost.cost_usd))
+            _child(metrics.COST, provider, cost.currency).inc(float(cost.list_cost))
+            _child(metrics.COST_USD, provider).inc(float(cost.cost_usd))
         if record.outcome != "client_error":
             reason = _zero_cost_reason(record, cost)
             if reason:
-                metrics.ZERO_COST.labels(reason).inc()
+                _child(metrics.ZERO_COST, reason).inc()
         if usage.source == ESTIMATED:
-            metrics.ESTIMATED.labels(record.outcome).inc()
+            _child(metrics.ESTIMATED, record.outcome).inc()
     if settings.KEYAOS_LOG_FORMAT == "json":
         _log_request(names, record, cost)
 
