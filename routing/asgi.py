@@ -52,26 +52,23 @@ class GatewayApplication:
             # was never read to its end.
             response = front_for_path(scope["path"]).error_response(errors.body_too_slow())
             response["Connection"] = "close"
-            await _send_response(response, request_id, send, receive)
+            await _send_response(response, request_id, send)
             return
         except _Disconnected:
             return
         request = ASGIRequest(scope, io.BytesIO(body))
         request.started = started
         request.request_id = request_id
-        # A client that hangs up cancels the work for it, streamed or not (and the upstream
-        # call with it); the exchange records the request as disconnected.
-        disconnect = asyncio.ensure_future(_wait_for_disconnect(receive))
+        hang_up = _HangUp(receive)
         try:
-            responding = asyncio.ensure_future(self.get_response(request))
-            await asyncio.wait({responding, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-            if not responding.done():
-                responding.cancel()
-                await asyncio.gather(responding, return_exceptions=True)
+            response = await self.get_response(request)
+            await _send_response(response, request_id, send)
+        except asyncio.CancelledError:
+            if hang_up.cancelled_us():
                 return
-            await _send_response(responding.result(), request_id, send, disconnect)
+            raise
         finally:
-            disconnect.cancel()
+            hang_up.stop()
 
     async def get_response(self, request: HttpRequest) -> HttpResponse:
         """The view's answer; errors (the views' GatewayErrors and the rest) in the path's
@@ -139,9 +136,7 @@ async def _read_body(receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-async def _send_response(
-    response: HttpResponse, request_id: str, send, disconnect: asyncio.Future | None = None
-) -> None:
+async def _send_response(response: HttpResponse, request_id: str, send) -> None:
     if "x-request-id" not in response:
         response["x-request-id"] = request_id
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.items()]
@@ -154,13 +149,7 @@ async def _send_response(
         await send({"type": "http.response.body", "body": content})
         return
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-    streaming = asyncio.ensure_future(_send_stream(response, send))
-    try:
-        await asyncio.wait({streaming, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not streaming.done():
-            streaming.cancel()
-        await asyncio.gather(streaming, return_exceptions=True)
+    await _send_stream(response, send)
 
 
 async def _send_stream(response: StreamingHttpResponse, send) -> None:
@@ -195,6 +184,35 @@ async def _send_with_keepalive(
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     finally:
         pinger.cancel()
+
+
+class _HangUp:
+    """Cancels the request's own task when its client disconnects while it is served, streamed
+    or not: the upstream call stops with it and the exchange records the request as
+    disconnected. One watching task per request, and the view runs in the request's task: a
+    task of its own and ``asyncio.wait`` cost a tenth of the gateway's CPU per request."""
+
+    def __init__(self, receive) -> None:
+        self.task = asyncio.current_task()
+        self.serving = True
+        self.hung_up = False
+        self.watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+        self.watcher.add_done_callback(self._watched)
+
+    def _watched(self, watcher: asyncio.Future) -> None:
+        # uvicorn also answers "disconnect" once the response is complete: by then
+        # ``serving`` is off.
+        if self.serving and not watcher.cancelled() and watcher.exception() is None:
+            self.hung_up = True
+            self.task.cancel()
+
+    def cancelled_us(self) -> bool:
+        """Whether the CancelledError being handled is the hang-up's (then it is absorbed)."""
+        return self.hung_up and self.task.uncancel() == 0
+
+    def stop(self) -> None:
+        self.serving = False
+        self.watcher.cancel()
 
 
 async def _wait_for_disconnect(receive) -> None:
