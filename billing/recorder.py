@@ -28,7 +28,6 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
-from django.db.models import Case, DateTimeField, DecimalField, F, Value, When
 from django.utils import timezone
 
 from billing.costs import Cost, Prices, request_cost
@@ -345,53 +344,82 @@ def _update_client_keys(
     last_used: dict[int, datetime], spends: dict[int, dict[datetime | None, Decimal]]
 ) -> None:
     """Move each key's last use and add to its spend in one UPDATE (one more per further budget
-    period in the batch). F() expressions keep concurrent writers from losing an update."""
-    for api_key_id, when in sorted(last_used.items()):
-        updates = [
-            _spend_changes(start, amount) for start, amount in spends[api_key_id].items()
-        ] or [{}]
-        updates[0]["last_used_at"] = when
-        for changes in updates:
-            ApiKey.objects.filter(pk=api_key_id).update(**changes)
+    period in the batch). The sums are computed by the database (``spent_usd = spent_usd +
+    %s``), so concurrent writers never lose an update."""
+    ops = connection.ops
+    with connection.cursor() as cursor:
+        for api_key_id, when in sorted(last_used.items()):
+            changes = list(spends[api_key_id].items()) or [(None, None)]
+            for number, (start, amount) in enumerate(changes):
+                assignments, params = _spend_assignments(start, amount)
+                if number == 0:
+                    assignments.append(_sql("last_used"))
+                    params.append(ops.adapt_datetimefield_value(when))
+                cursor.execute(
+                    _sql("update_client").format(", ".join(assignments)), [*params, api_key_id]
+                )
 
 
-def _spend_changes(start: datetime | None, amount: Decimal) -> dict[str, Any]:
+def _spend_assignments(
+    start: datetime | None, amount: Decimal | None
+) -> tuple[list[str], list[Any]]:
     """A newer period restarts the period spend; a late record of an older period only counts
     towards the lifetime."""
+    if amount is None:
+        return [], []
+    ops = connection.ops
+    money = ops.adapt_decimalfield_value(amount, **MONEY_DIGITS)
     if start is None:
-        period_spent, started = F("period_spent_usd") + amount, F("period_started_at")
-    else:
-        period_spent = Case(
-            When(period_started_at=start, then=F("period_spent_usd") + amount),
-            When(period_started_at__gt=start, then=F("period_spent_usd")),
-            default=Value(amount),
-            output_field=DecimalField(**MONEY_DIGITS),
-        )
-        started = Case(
-            When(period_started_at__gt=start, then=F("period_started_at")),
-            default=Value(start),
-            output_field=DateTimeField(),
-        )
-    return {
-        "spent_usd": F("spent_usd") + amount,
-        "period_spent_usd": period_spent,
-        "period_started_at": started,
-    }
+        return [_sql("spend_lifetime")], [money, money]
+    begun = ops.adapt_datetimefield_value(start)
+    return [_sql("spend_period")], [money, begun, money, begun, money, begun, begun]
 
 
 def _debit_balances(debits: dict[int, Decimal]) -> None:
-    """Lower known balances by the list cost, atomically; a key at zero becomes exhausted."""
-    debited = [
-        key_id
-        for key_id, amount in sorted(debits.items())
-        if UpstreamKey.objects.filter(pk=key_id, balance__isnull=False).update(
-            balance=F("balance") - amount
+    """Lower known balances by the list cost, atomically; a key at zero becomes exhausted.
+    Keys of unknown balance are not debited and cannot run out."""
+    ops = connection.ops
+    run_out = []
+    with connection.cursor() as cursor:
+        for key_id, amount in sorted(debits.items()):
+            cursor.execute(
+                _sql("debit"), [ops.adapt_decimalfield_value(amount, **MONEY_DIGITS), key_id]
+            )
+            returned = cursor.fetchone()
+            if returned is not None and Decimal(str(returned[0])) <= 0:
+                run_out.append(key_id)
+    if run_out:
+        UpstreamKey.objects.filter(pk__in=run_out, health=UpstreamKey.Health.OK).mark_exhausted(
+            "balance reached zero"
         )
-    ]
-    if debited:  # keys of unknown balance are not debited and cannot run out
-        UpstreamKey.objects.filter(
-            pk__in=debited, balance__lte=0, health=UpstreamKey.Health.OK
-        ).mark_exhausted("balance reached zero")
+
+
+_STATEMENTS: dict[tuple[str, str], str] = {}
+
+
+def _sql(name: str) -> str:
+    """The writer's UPDATE statements, in the connection's quoting, built once per vendor: the
+    ORM would build and compile each anew, five times the statement's own cost."""
+    key = (connection.vendor, name)
+    if key not in _STATEMENTS:
+        quote = connection.ops.quote_name
+        keys, clients = (quote(model._meta.db_table) for model in (UpstreamKey, ApiKey))
+        balance, spent, period_spent, started, last_used, pk = map(
+            quote,
+            ("balance", "spent_usd", "period_spent_usd", "period_started_at", "last_used_at", "id"),
+        )
+        _STATEMENTS[key] = {
+            "debit": f"UPDATE {keys} SET {balance} = {balance} - %s "
+            f"WHERE {pk} = %s AND {balance} IS NOT NULL RETURNING {balance}",
+            "update_client": f"UPDATE {clients} SET {{}} WHERE {pk} = %s",
+            "spend_lifetime": f"{spent} = {spent} + %s, {period_spent} = {period_spent} + %s",
+            "spend_period": f"{spent} = {spent} + %s, "
+            f"{period_spent} = CASE WHEN {started} = %s THEN {period_spent} + %s "
+            f"WHEN {started} > %s THEN {period_spent} ELSE %s END, "
+            f"{started} = CASE WHEN {started} > %s THEN {started} ELSE %s END",
+            "last_used": f"{last_used} = %s",
+        }[name]
+    return _STATEMENTS[key]
 
 
 def _ledger_row(record: RequestRecord, cost: Cost | None) -> dict[str, Any]:
