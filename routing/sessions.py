@@ -7,8 +7,9 @@ what stays the same from one turn of a conversation to the next. After each answ
 session remembers its key, when, and how many prompt tokens it sent: in this process, and in
 Redis when ``REDIS_URL`` is set (redis-py's asyncio client: no thread hop), so every gateway
 process routes a conversation's next turn with the same knowledge. Redis is written after the
-response and read only when this process has not seen the session; while it cannot be reached,
-sessions are this process's alone (one warning in the log).
+response (for a session its key served again, only once a tenth of the cache lifetime has passed
+since the last write) and read only when this process has not seen the session; while it cannot
+be reached, sessions are this process's alone (one warning in the log).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ SESSION_HEADERS = ("x-claude-code-session-id", "session_id", "session-id")
 KEY_PREFIX = "keyaos:session:"
 MAX_LOCAL_SESSIONS = 100_000
 RETRY_S = 5.0
+# A session served again by the same key is shared again only once this share of its cache
+# lifetime has passed: other processes then see a cache up to that much older than it is.
+RESHARE_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ class SessionMemory:
 
     def __init__(self, redis_url: str = "", *, timeout_s: float = 0.2) -> None:
         self.local: OrderedDict[str, SessionState] = OrderedDict()
+        self.shared: dict[str, SessionState] = {}  # what Redis was last told, per session
         self.timeout_s = timeout_s
         self._redis = aioredis.from_url(redis_url) if redis_url else None
         self._failing_since: float | None = None
@@ -131,11 +136,21 @@ class SessionMemory:
         return state
 
     def remember(self, session: str, state: SessionState):
-        """Keep ``state`` here now; returns the Redis write to run after the response, if any."""
+        """Keep ``state`` here now; returns the Redis write to run after the response, if any:
+        none while Redis already holds this key for the session from recently enough."""
         self._keep(session, state)
-        if not self._redis_usable():
+        if not self._redis_usable() or self._shared_recently(session, state):
             return None
+        self.shared[session] = state
         return self._share(session, state)
+
+    def _shared_recently(self, session: str, state: SessionState) -> bool:
+        last = self.shared.get(session)
+        return (
+            last is not None
+            and (last.key_id, last.offer_id) == (state.key_id, state.offer_id)
+            and state.served_at - last.served_at < state.ttl_s * RESHARE_FRACTION
+        )
 
     async def _share(self, session: str, state: SessionState) -> None:
         try:
@@ -146,6 +161,7 @@ class SessionMemory:
                 self.timeout_s,
             )
         except (RedisError, OSError, TimeoutError) as error:
+            self.shared.pop(session, None)
             self._failed(error)
         else:
             self._failing_since = None
@@ -154,7 +170,7 @@ class SessionMemory:
         self.local[session] = state
         self.local.move_to_end(session)
         while len(self.local) > MAX_LOCAL_SESSIONS:
-            self.local.popitem(last=False)
+            self.shared.pop(self.local.popitem(last=False)[0], None)
 
     def _redis_usable(self) -> bool:
         if self._redis is None:

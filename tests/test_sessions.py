@@ -72,6 +72,38 @@ def test_every_process_sees_a_session_through_redis():
     shared.delete(KEY_PREFIX + name)
 
 
+def test_a_session_served_again_by_its_key_is_shared_again_only_after_a_tenth_of_its_ttl():
+    try:
+        redis.Redis.from_url(REDIS_URL).ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    name = f"test-{uuid.uuid4().hex}"
+    shared = redis.Redis.from_url(REDIS_URL)
+
+    def later(seconds: float, **changes) -> SessionState:
+        fields = {**vars(STATE), "served_at": STATE.served_at + seconds, **changes}
+        return SessionState(**fields)
+
+    async def scenario():
+        memory = SessionMemory(REDIS_URL)
+        try:
+            await memory.remember(name, STATE)
+            assert memory.remember(name, later(29)) is None  # same key within 30 s of 300
+            assert memory.get_local(name) == later(29)  # this process knows it at once
+            assert SessionState.loads(shared.get(KEY_PREFIX + name)) == STATE
+            await memory.remember(name, later(31))
+            assert SessionState.loads(shared.get(KEY_PREFIX + name)) == later(31)
+            await memory.remember(name, later(32, key_id=8))  # another key: at once
+            assert SessionState.loads(shared.get(KEY_PREFIX + name)).key_id == 8
+        finally:
+            await memory.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        shared.delete(KEY_PREFIX + name)
+
+
 def test_an_unreachable_redis_leaves_sessions_in_the_process(caplog):
     async def scenario():
         memory = SessionMemory("redis://127.0.0.1:1/0", timeout_s=0.5)
