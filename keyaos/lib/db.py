@@ -116,6 +116,10 @@ class RowInserter:
 
     def insert(self, rows: list[list[Any]]) -> list[tuple]:
         """Insert rows made by ``values``; returns the ``returning`` columns of inserted rows."""
+        if not rows:
+            return []
+        if connection.vendor == "postgresql":
+            return self._insert_columns(rows)
         chunk = max(_MAX_PARAMETERS // len(self.fields), 1)
         returned: list[tuple] = []
         with connection.cursor() as cursor:
@@ -126,15 +130,31 @@ class RowInserter:
                     returned += cursor.fetchall()
         return returned
 
-    def _sql(self, count: int) -> str:
+    def _insert_columns(self, rows: list[list[Any]]) -> list[tuple]:
+        """PostgreSQL: one array per column, rows made by ``unnest``. psycopg finds a statement's
+        placeholders in Python and keeps the result only for statements of at most 50: a
+        500-row VALUES list (15,000 placeholders) cost 60 ms a statement in that search alone."""
+        with connection.cursor() as cursor:
+            cursor.execute(self._sql(None), [list(column) for column in zip(*rows, strict=True)])
+            return cursor.fetchall() if self.returning else []
+
+    def _sql(self, count: int | None) -> str:
+        """The statement for ``count`` rows of VALUES, or (None) for column arrays."""
         key = (connection.vendor, count)
         if key not in self._statements:
             quote = connection.ops.quote_name
-            one_row = "({})".format(", ".join(["%s"] * len(self.fields)))
-            sql = "INSERT INTO {} ({}) VALUES {}".format(
+            if count is None:
+                arrays = ", ".join(
+                    f"%s::{field.cast_db_type(connection)}[]" for field in self.fields
+                )
+                rows = f"SELECT * FROM unnest({arrays})"
+            else:
+                one_row = "({})".format(", ".join(["%s"] * len(self.fields)))
+                rows = "VALUES " + ", ".join([one_row] * count)
+            sql = "INSERT INTO {} ({}) {}".format(
                 quote(self.model._meta.db_table),
                 ", ".join(quote(field.column) for field in self.fields),
-                ", ".join([one_row] * count),
+                rows,
             )
             if self.skip_conflicts:
                 column = self.model._meta.get_field(self.skip_conflicts).column
