@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
-from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections import defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
@@ -40,8 +41,12 @@ from providers.models import MONEY_DIGITS, Provider, UpstreamKey
 logger = logging.getLogger("keyaos.ledger")
 
 BATCH_SIZE = 500
-# A batch waits this long for company once its first record is spooled (not when behind).
+# A batch waits this long for company once its first record is spooled (not when behind), or
+# until this many records wait: under load a turn of the loop takes milliseconds, and a batch
+# that waited out the window and then a turn took two.
 BATCH_WINDOW_S = 0.025
+BATCH_FILL = 32
+BATCHES_IN_FLIGHT = 2
 # Records prepared on the event loop (about 30 us each) before it takes its next turn.
 PREPARE_SLICE = 100
 MAX_BACKOFF_S = 10.0
@@ -476,7 +481,8 @@ class LedgerWriter:
     work, about 30 us a record) on the event loop itself, up to ``PREPARE_SLICE`` records between
     two turns of the loop, so it takes its share of the core in small pieces. The transaction runs
     on a thread of its own that keeps its database connection: it mostly waits for the database,
-    without the GIL. Python work in a thread does not get its share: a thread waiting for the
+    without the GIL; two batches may be in its hands at once, and the spool's committed offset
+    follows them in order. Python work in a thread does not get its share: a thread waiting for the
     GIL asks for it only after a whole switch interval in which the GIL never changed hands, and
     the loop thread hands it over and takes it back at every poll, so under load such a thread
     crawled (the writer used to, at about 1,200 rows/s); in Linux's idle scheduling class it
@@ -489,6 +495,9 @@ class LedgerWriter:
         self.fsync_task: asyncio.Task | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
         self.unspooled: list[RequestRecord] = []
+        self._in_flight: deque[tuple[Batch, asyncio.Task]] = deque()
+        self._written_early: set[int] = set()  # ids of batches in flight the thread wrote
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.written = 0  # records moved from the spool to the database (or dead letters)
         self.dead_letters = 0
         self.largest_backlog = 0
@@ -499,9 +508,10 @@ class LedgerWriter:
     def start(self) -> None:
         if self.task is not None and not self.task.done():
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self.spool.open()
         self._wake = asyncio.Event()
+        self._batch_full = asyncio.Event()
         self.task = loop.create_task(self._run(), name="ledger-writer")
         if settings.KEYAOS_LEDGER_FSYNC_S > 0:
             self.fsync_task = loop.create_task(self._fsync(), name="ledger-fsync")
@@ -519,6 +529,8 @@ class LedgerWriter:
             self.largest_backlog = pending
         if self._wake is not None:
             self._wake.set()
+            if not self._batch_full.is_set() and self.spool.unclaimed >= BATCH_FILL:
+                self._batch_full.set()
 
     @property
     def pending(self) -> int:
@@ -534,6 +546,8 @@ class LedgerWriter:
         and the next writer takes them over."""
         if self.task is not None and not self.task.done():
             self.task.cancel()
+        for _, task in self._in_flight:
+            task.cancel()
         self.spool.close()
 
     async def stop(self, timeout_s: float | None = None) -> None:
@@ -573,28 +587,31 @@ class LedgerWriter:
         loop = asyncio.get_running_loop()
         await self._adopt_orphans()
         last_scan = loop.time()
-        while not self._stopping_late():
-            if not self.pending:
-                if self._deadline is not None:
-                    return
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), ORPHAN_SCAN_S)
-            if loop.time() - last_scan >= ORPHAN_SCAN_S:
-                await self._adopt_orphans()
-                last_scan = loop.time()
-            if not self.pending:
-                continue
-            age = self.spool.oldest_age_s() or 0.0
-            if age < BATCH_WINDOW_S and self._deadline is None:
-                await asyncio.sleep(BATCH_WINDOW_S - age)
-            try:
-                await self._write_next()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("ledger: the writer failed; retrying")
-                await asyncio.sleep(1)
+        try:
+            while not self._stopping_late():
+                if not self.pending:
+                    if self._deadline is not None:
+                        return
+                    await self._wait_for_work(ORPHAN_SCAN_S)
+                if loop.time() - last_scan >= ORPHAN_SCAN_S:
+                    await self._adopt_orphans()
+                    last_scan = loop.time()
+                try:
+                    await self._write_next()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    logger.exception("ledger: the writer failed; retrying")
+                    await self._settle_in_flight()
+                    await asyncio.sleep(1)
+        finally:
+            await self._settle_in_flight()
+
+    async def _wait_for_work(self, timeout_s: float) -> None:
+        """Until a record is submitted or a batch in flight is written."""
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout_s)
 
     async def _adopt_orphans(self) -> None:
         adopted, torn = await asyncio.get_running_loop().run_in_executor(
@@ -617,23 +634,101 @@ class LedgerWriter:
             self._wake.set()
 
     async def _write_next(self) -> None:
+        """Start the next batch, or wait for room for it. Up to ``BATCHES_IN_FLIGHT`` batches are
+        handed to the writer's thread at once, so it starts the next as soon as it has written
+        one: under load a turn of the event loop takes many milliseconds, and a batch written
+        only after the last one's result came back through the loop waited several turns."""
+        if self._in_flight and self._in_flight[0][1].done():
+            self._in_flight[0][1].result()  # it failed (one written is committed at once): why
         if self.unspooled:
+            await self._settle_in_flight()
             records = self.unspooled[:BATCH_SIZE]
             await self._write_with_retries([prepare(record) for record in records], [])
             del self.unspooled[: len(records)]
             self.written += len(records)
             return
+        if len(self._in_flight) >= BATCHES_IN_FLIGHT:
+            await asyncio.wait({self._in_flight[0][1]})
+            return
+        if not self.spool.unclaimed:
+            if self._in_flight:
+                await self._wait_for_work(ORPHAN_SCAN_S)
+            return
+        age = self.spool.unclaimed_age_s() or 0.0
+        if age < BATCH_WINDOW_S and self._deadline is None and self.spool.unclaimed < BATCH_FILL:
+            self._batch_full.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._batch_full.wait(), BATCH_WINDOW_S - age)
         batch = self.spool.next_batch(BATCH_SIZE)
         if batch is None:
             return
         try:
             entries, refused = await self._prepare(batch)
-            await self._write_with_retries(entries, refused)
         except BaseException:
             self.spool.release(batch)
             raise
-        self.spool.commit(batch)
-        self.written += batch.count
+        self._hand_over(batch, entries, refused)
+
+    def _hand_over(self, batch: Batch, entries: list[Entry], refused: list[Refused]) -> None:
+        task = asyncio.ensure_future(self._write_with_retries(entries, refused, batch))
+        self._in_flight.append((batch, task))
+        task.add_done_callback(self._commit_written)
+
+    def _start_held_batch(self) -> None:
+        """Behind (a full batch waits) and the writer's thread free: hand the next batch over
+        from this callback, without waiting for the writer task's next turn of the loop. Only
+        records this process spooled itself (prepared from memory, a few ms at most)."""
+        if self.unspooled or self._unavailable or self._deadline is not None:
+            return
+        if len(self._in_flight) >= BATCHES_IN_FLIGHT or self.spool.unclaimed < BATCH_FILL:
+            return
+        batch = self.spool.next_batch(BATCH_SIZE)
+        if batch is None:
+            return
+        if batch.held is None:
+            self.spool.release(batch)  # the writer task reads it back, in slices
+            return
+        prepared = [prepare_held(record) for record in batch.held]
+        entries = [item for item in prepared if isinstance(item, Entry)]
+        self._hand_over(batch, entries, [item for item in prepared if isinstance(item, Refused)])
+
+    def _thread_wrote(self, batch: Batch, written: Future) -> None:
+        """On the writer's thread: the batch is in the database with nothing refused."""
+        if not written.cancelled() and written.exception() is None and not written.result()[1]:
+            self._loop.call_soon_threadsafe(self._commit_early, batch)
+
+    def _commit_early(self, batch: Batch) -> None:
+        self._written_early.add(id(batch))
+        self._commit_written()
+
+    def _commit_written(self, _task: asyncio.Task | None = None) -> None:
+        """Move the spool's committed offsets past the batches written, in the order they were
+        taken: a batch written after one that failed waits (it is written again later, which
+        is harmless), so an offset never passes a record that is not in the database."""
+        while self._in_flight:
+            batch, task = self._in_flight[0]
+            if id(batch) not in self._written_early:
+                if not task.done():
+                    break
+                if task.cancelled() or task.exception() is not None:
+                    return  # _settle_in_flight gives the batches back
+            self._in_flight.popleft()
+            self._written_early.discard(id(batch))
+            self.spool.commit(batch)
+            self.written += batch.count
+        self._start_held_batch()
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _settle_in_flight(self) -> None:
+        """Wait for the batches in flight; those not committed go back to the spool."""
+        tasks = [task for _, task in self._in_flight]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for batch, _ in self._in_flight:
+            self.spool.release(batch)
+        self._in_flight.clear()
+        self._written_early.clear()
 
     async def _prepare(self, batch: Batch) -> tuple[list[Entry], list[Refused]]:
         """Prepare on the loop, giving it back after every ``PREPARE_SLICE`` records. Not more
@@ -649,12 +744,20 @@ class LedgerWriter:
                 await asyncio.sleep(0)
         return entries, refused
 
-    async def _write_with_retries(self, entries: list[Entry], refused: list[Refused]) -> None:
-        loop = asyncio.get_running_loop()
+    async def _write_with_retries(
+        self, entries: list[Entry], refused: list[Refused], batch: Batch | None = None
+    ) -> None:
+        """Write ``entries`` on the writer's thread until the database takes them. A ``batch``
+        with nothing refused is committed from the thread's result at once: the result of an
+        awaited call reaches the coroutine two turns of the loop later, and under load a turn
+        takes a few milliseconds per request in flight."""
         backoff = 0.2
         while True:
             try:
-                _, more = await loop.run_in_executor(self.executor, write_isolating, entries)
+                written = self.executor.submit(write_isolating, entries)
+                if batch is not None and not refused:
+                    written.add_done_callback(functools.partial(self._thread_wrote, batch))
+                _, more = await asyncio.wrap_future(written)
                 break
             except (OperationalError, InterfaceError) as error:
                 if not self._unavailable:

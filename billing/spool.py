@@ -195,6 +195,19 @@ class Spool:
                 return max((now or time.time()) - spool_file.records[0][1], 0.0)
         return None
 
+    @property
+    def unclaimed(self) -> int:
+        """Records not yet handed to the writer."""
+        return sum(len(spool_file.records) - spool_file.claimed for spool_file in self.files)
+
+    def unclaimed_age_s(self, now: float | None = None) -> float | None:
+        """How long the oldest record not yet handed to the writer has waited."""
+        for spool_file in self.files:
+            if len(spool_file.records) > spool_file.claimed:
+                spooled_at = spool_file.records[spool_file.claimed][1]
+                return max((now or time.time()) - spooled_at, 0.0)
+        return None
+
     def next_batch(self, limit: int) -> Batch | None:
         """The oldest records not yet claimed, from one file."""
         for spool_file in self.files:
@@ -217,8 +230,10 @@ class Spool:
         return None
 
     def release(self, batch: Batch) -> None:
-        """Give a batch back unwritten (the writer stopped): it stays in the spool."""
-        batch.file.claimed = 0
+        """Give a batch back unwritten (the writer stopped): it stays in the spool. The batches
+        claimed after it in its file must be given back too (the writer gives back every batch it
+        has in flight, or the one it claimed last)."""
+        batch.file.claimed = max(batch.file.claimed - batch.count, 0)
 
     def commit(self, batch: Batch) -> None:
         """The batch is in the database: move the committed offset past it."""
