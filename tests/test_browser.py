@@ -267,7 +267,10 @@ def log_in(driver, base_url: str) -> None:
     driver.find_element(By.NAME, "username").send_keys("operator")
     driver.find_element(By.NAME, "password").send_keys(PASSWORD)
     driver.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
-    driver.find_element(By.ID, "kd-figures-title")
+    # The dashboard may take a while to come on a loaded machine (CI found it not there yet).
+    WebDriverWait(driver, 30).until(
+        expected_conditions.presence_of_element_located((By.ID, "kd-figures-title"))
+    )
 
 
 def screenshot(driver, path: Path) -> Path:
@@ -380,10 +383,7 @@ def test_an_operator_reaches_a_working_request_from_the_admin_alone(
     )
     fake_upstream.reply("POST", "/openrouter/chat/completions", json_body=chat_completion(MODEL))
 
-    browser.get(admin_server + "/admin/login/?next=/admin/")
-    browser.find_element(By.NAME, "username").send_keys("operator")
-    browser.find_element(By.NAME, "password").send_keys(PASSWORD)
-    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    log_in(browser, admin_server)
 
     # 1. A provider from its preset (the URL points at the fake instead of openrouter.ai).
     browser.get(admin_server + "/admin/providers/provider/add/?preset=openrouter")
