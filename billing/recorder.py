@@ -497,6 +497,7 @@ class LedgerWriter:
         self.unspooled: list[RequestRecord] = []
         self._in_flight: deque[tuple[Batch, asyncio.Task]] = deque()
         self._written_early: set[int] = set()  # ids of batches in flight the thread wrote
+        self._claiming = False  # the writer task prepares a batch or gives batches back
         self._loop: asyncio.AbstractEventLoop | None = None
         self.written = 0  # records moved from the spool to the database (or dead letters)
         self.dead_letters = 0
@@ -662,11 +663,14 @@ class LedgerWriter:
         batch = self.spool.next_batch(BATCH_SIZE)
         if batch is None:
             return
+        self._claiming = True
         try:
             entries, refused = await self._prepare(batch)
         except BaseException:
             self.spool.release(batch)
             raise
+        finally:
+            self._claiming = False
         self._hand_over(batch, entries, refused)
 
     def _hand_over(self, batch: Batch, entries: list[Entry], refused: list[Refused]) -> None:
@@ -678,7 +682,9 @@ class LedgerWriter:
         """Behind (a full batch waits) and the writer's thread free: hand the next batch over
         from this callback, without waiting for the writer task's next turn of the loop. Only
         records this process spooled itself (prepared from memory, a few ms at most)."""
-        if self.unspooled or self._unavailable or self._deadline is not None:
+        # While the writer task prepares a batch it claimed (or gives batches back), a batch
+        # claimed here would be handed over before an older one of the same file.
+        if self._claiming or self.unspooled or self._unavailable or self._deadline is not None:
             return
         if len(self._in_flight) >= BATCHES_IN_FLIGHT or self.spool.unclaimed < BATCH_FILL:
             return
@@ -722,9 +728,13 @@ class LedgerWriter:
 
     async def _settle_in_flight(self) -> None:
         """Wait for the batches in flight; those not committed go back to the spool."""
-        tasks = [task for _, task in self._in_flight]
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        self._claiming = True
+        try:
+            tasks = [task for _, task in self._in_flight]
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self._claiming = False
         for batch, _ in self._in_flight:
             self.spool.release(batch)
         self._in_flight.clear()
