@@ -473,3 +473,32 @@ def test_text_with_quotes_escapes_and_unicode_arrives_unchanged():
     events, _ = run_stream(chat_chunks(MODEL, words, USAGE), split=3)
     texts = [e["delta"]["text"] for e in events if e["type"] == "content_block_delta"]
     assert texts == words
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["word ", "", 'say "hi"', "back\\slash\\", 'end \\"quoted\\"', "é ✓ \n\t", "\\", '"'],
+)
+def test_the_text_fast_path_splices_exactly_the_json_string_the_chunk_holds(text):
+    from routing.protocols.translated import only_text
+
+    payload = json.dumps(
+        {"id": "c", "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+    ).encode()
+    assert json.loads(only_text(payload)) == text
+
+
+@pytest.mark.parametrize(
+    "delta",
+    [
+        {"content": "a", "tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]},
+        {"content": "a", "reasoning_content": "think"},
+        {"content": "a", "refusal": "no"},
+    ],
+)
+def test_a_chunk_with_more_than_text_takes_the_parsing_path(delta):
+    from routing.protocols.translated import only_text
+
+    payload = json.dumps({"choices": [{"delta": delta, "finish_reason": None}]}).encode()
+    assert only_text(payload) is None
+    assert only_text(payload.replace(b"null", b'"stop"')) is None

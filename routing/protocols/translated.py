@@ -27,17 +27,19 @@ INCOMPLETE = "the upstream stream ended before the answer was complete"
 
 # Most chunks of a stream carry a piece of text and nothing else: those are translated from their
 # bytes, the JSON string spliced into the protocol's event, without parsing the chunk.
-_CONTENT = re.compile(rb'"content"\s*:\s*("(?:[^"\\]|\\.)*")')
+# (One regex for the markers and possessive runs in the string: half the CPU of a chunk's test.)
+_CONTENT = re.compile(rb'"content"\s*:\s*("[^"\\]*+(?:\\.[^"\\]*+)*+")')
 _OPEN_FINISH = re.compile(rb'"finish_reason"\s*:\s*null')
-_NOT_ONLY_TEXT = (b'"tool_calls"', b'"reasoning', b'"usage"', b'"error"', b'"refusal"')
+_NOT_ONLY_TEXT = re.compile(rb'"(?:tool_calls"|reasoning|usage"|error"|refusal")')
 
 
 def only_text(payload: bytes) -> bytes | None:
     """The JSON string of a chunk whose one choice carries text alone, or None."""
-    for marker in _NOT_ONLY_TEXT:
-        if marker in payload:
-            return None
-    if payload.count(b'"delta"') != 1 or not _OPEN_FINISH.search(payload):
+    if (
+        _NOT_ONLY_TEXT.search(payload)
+        or payload.count(b'"delta"') != 1
+        or not _OPEN_FINISH.search(payload)
+    ):
         return None
     match = _CONTENT.search(payload)
     return match.group(1) if match else None
