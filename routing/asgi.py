@@ -167,23 +167,32 @@ async def _send_with_keepalive(
 ) -> None:
     """Relay the stream, sending ``event`` whenever nothing went out for ``interval_s``.
 
-    The stream yields whole events, so a keep-alive event never lands inside another."""
-    sent = [True]
+    The stream yields whole events, so a keep-alive event never lands inside another. A timer,
+    not a task: a stream that is never silent that long costs one timer, not a task to cancel.
+    """
+    loop = asyncio.get_running_loop()
+    state = {"sent": True, "timer": None}
+    pings: set[asyncio.Task] = set()
 
-    async def keep_alive() -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            if not sent[0]:
-                await send({"type": "http.response.body", "body": event, "more_body": True})
-            sent[0] = False
+    def tick() -> None:
+        if not state["sent"]:
+            ping = loop.create_task(
+                send({"type": "http.response.body", "body": event, "more_body": True})
+            )
+            pings.add(ping)
+            ping.add_done_callback(pings.discard)
+        state["sent"] = False
+        state["timer"] = loop.call_later(interval_s, tick)
 
-    pinger = asyncio.ensure_future(keep_alive())
+    state["timer"] = loop.call_later(interval_s, tick)
     try:
         async for chunk in response.streaming_content:
-            sent[0] = True
+            state["sent"] = True
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     finally:
-        pinger.cancel()
+        state["timer"].cancel()
+        for ping in pings:
+            ping.cancel()
 
 
 class _HangUp:
