@@ -72,6 +72,8 @@ if TYPE_CHECKING:
 Outcome = LedgerEntry.Outcome
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 USER_AGENT = "Keyaos"
+# Built once, not a sync_to_async wrapper per limited request.
+_load_persisted_spend = db_task(persisted_spend)
 
 
 @dataclass
@@ -357,7 +359,7 @@ class Exchange:
                 ]
             ),
             estimated_tokens=self.request.prompt_tokens,
-            load_spent=db_task(persisted_spend),
+            load_spent=_load_persisted_spend,
         )
 
     async def _cover(self, candidate: Candidate) -> None:
