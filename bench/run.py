@@ -28,6 +28,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -717,8 +718,12 @@ def machine() -> dict:
     }
 
 
-def translation_cpu_ms(rows: list[dict]) -> float | None:
-    """The most a Messages stream cost over a chat stream at the same concurrency."""
+def translation_cpu_ms(rows: list[dict], pairs: dict | None = None) -> float | None:
+    """What a Messages stream costs over a chat stream: the median of the alternated pairs
+    when they ran (``measure_translation_pairs``), else the most over the phases at the same
+    concurrency (one phase each, minutes apart: on a shared machine mostly noise)."""
+    if pairs and pairs.get("median_ms") is not None:
+        return pairs["median_ms"]
     cpu = {(r["mode"], r["concurrency"]): r["cpu_ms_per_request"] for r in rows}
     extra = [
         cpu[("messages", c)] - cpu[("stream", c)]
@@ -728,7 +733,13 @@ def translation_cpu_ms(rows: list[dict]) -> float | None:
     return round(max(extra), 3) if extra else None
 
 
-def targets(rows: list[dict], startup_s: float, peak_mb: float, writer: dict | None = None) -> dict:
+def targets(
+    rows: list[dict],
+    startup_s: float,
+    peak_mb: float,
+    writer: dict | None = None,
+    translation_pairs: dict | None = None,
+) -> dict:
     def worst(mode: str) -> float | None:
         values = [r["cpu_ms_per_request"] for r in rows if r["mode"] == mode]
         values = [v for v in values if v is not None]
@@ -744,7 +755,7 @@ def targets(rows: list[dict], startup_s: float, peak_mb: float, writer: dict | N
     figures = {
         "cpu_ms_per_request_json": worst("json"),
         "cpu_ms_per_stream": worst("stream"),
-        "messages_cpu_over_stream_ms": translation_cpu_ms(rows),
+        "messages_cpu_over_stream_ms": translation_cpu_ms(rows, translation_pairs),
         "added_p50_ms_c1": at_c1("json", "added_latency_ms", "p50"),
         "added_p99_ms_c1": at_c1("json", "added_latency_ms", "p99"),
         "added_ttft_p50_ms_c1": at_c1("stream", "added_ttft_ms", "p50"),
@@ -853,6 +864,13 @@ def report(result: dict) -> str:
             for concurrency, share in result["limited_rps_share"].items()
         )
         lines.append(f"limited key (budget, rpm, tpm in Redis) rps / unlimited rps: {shares}")
+    pairs = result.get("translation_pairs")
+    if pairs and pairs["median_ms"] is not None:
+        lines.append(
+            f"Messages stream CPU over chat stream, {pairs['pairs']} alternated pairs at c1 "
+            f"({pairs['duration_s']:g} s each): median {pairs['median_ms']:.3f} ms "
+            f"({', '.join(f'{d:+.3f}' for d in pairs['differences_ms'])})"
+        )
     for row in result.get("phases", []):
         profile = row["keyaos"].get("profile")
         if profile and profile.get("samples"):
@@ -934,6 +952,7 @@ def run(args: argparse.Namespace) -> dict:
                 for concurrency in args.concurrency:
                     _progress(f"bench: {mode} at concurrency {concurrency}")
                     rows.append(phase(bench, mode, concurrency))
+        pairs = measure_translation_pairs(bench) if not args.soak else None
         peak_mb = proc_status_mb(bench.gateway.pid, "VmHWM")
         rss_mb = proc_status_mb(bench.gateway.pid, "VmRSS")
         stop_gateway(bench)
@@ -966,7 +985,8 @@ def run(args: argparse.Namespace) -> dict:
             "soak": soak_result,
             "ledger": ledger,
             "ledger_writer": writer,
-            "targets": targets(rows, startup_s, peak_mb, writer) if rows else None,
+            "translation_pairs": pairs,
+            "targets": targets(rows, startup_s, peak_mb, writer, pairs) if rows else None,
             "limited_rps_share": limited_rps_share(rows),
             "notes": bench.notes,
         }
@@ -975,6 +995,35 @@ def run(args: argparse.Namespace) -> dict:
         return result
     finally:
         cleanup(bench)
+
+
+def measure_translation_pairs(bench: Bench) -> dict | None:
+    """The Messages stream's CPU over the chat stream's, in back-to-back pairs at concurrency 1.
+
+    One phase of each, minutes apart, differs by more than the translation costs on a shared
+    machine (the host's speed drifts); a pair runs the two loads seconds apart, and the median
+    over the pairs is the figure (``--translation-pairs``, ``--pair-duration`` seconds each).
+    """
+    modes = bench.args.modes
+    if not bench.args.translation_pairs or "stream" not in modes or "messages" not in modes:
+        return None
+    _progress(f"bench: {bench.args.translation_pairs} alternated stream/messages pairs at c1")
+    differences = []
+    for _ in range(bench.args.translation_pairs):
+        cpu = {
+            mode: run_load(bench, "keyaos", mode, 1, bench.args.pair_duration).get(
+                "cpu_ms_per_request"
+            )
+            for mode in ("stream", "messages")
+        }
+        if None not in cpu.values():
+            differences.append(round(cpu["messages"] - cpu["stream"], 3))
+    return {
+        "pairs": len(differences),
+        "duration_s": bench.args.pair_duration,
+        "differences_ms": differences,
+        "median_ms": round(statistics.median(differences), 3) if differences else None,
+    }
 
 
 def measure_routing(bench: Bench) -> dict | None:
@@ -1029,6 +1078,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers (WEB_CONCURRENCY)")
     parser.add_argument(
         "--writer-records", type=int, default=20000, help="records for the writer's rate; 0: skip"
+    )
+    parser.add_argument(
+        "--translation-pairs",
+        type=int,
+        default=5,
+        help="alternated stream/messages loads at c1 for the translation's CPU; 0: skip",
+    )
+    parser.add_argument(
+        "--pair-duration", type=float, default=2.0, help="measured seconds per load of a pair"
     )
     parser.add_argument("--database-name", default="keyaos_bench", help="PostgreSQL only")
     parser.add_argument("--output", type=Path, help="default: bench/results/latest.json")

@@ -29,7 +29,7 @@ def test_a_tiny_bench_runs_end_to_end_and_finds_one_ledger_row_per_request(tmp_p
             sys.executable,
             *("-m", "bench.run", "--concurrency", "2", "--duration", "0.5"),
             *("--warmup", "0.1", "--output", str(output), "--database-name", database),
-            *("--writer-records", "500"),
+            *("--writer-records", "500", "--translation-pairs", "2", "--pair-duration", "0.3"),
         ],
         cwd=BASE_DIR,
         env=env,
@@ -56,7 +56,9 @@ def test_a_tiny_bench_runs_end_to_end_and_finds_one_ledger_row_per_request(tmp_p
         assert set(row["keyaos"]["latency_ms"]) == {"p50", "p95", "p99", "mean", "max"}
     assert result["phases"][1]["added_ttft_ms"]["p50"] is not None
     assert result["phases"][2]["added_ttft_ms"]["p50"] is not None
-    assert result["targets"]["messages_cpu_over_stream_ms"]["value"] is not None
+    pairs = result["translation_pairs"]
+    assert pairs["pairs"] == 2 and len(pairs["differences_ms"]) == 2
+    assert result["targets"]["messages_cpu_over_stream_ms"]["value"] == pairs["median_ms"]
     ledger = result["ledger"]
     assert ledger["ok"] and ledger["rows"] == ledger["sent"] == ledger["answered_ids"]
     assert ledger["outcomes"] == {"ok": ledger["rows"]}
