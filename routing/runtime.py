@@ -10,7 +10,9 @@ import asyncio
 import gc
 import logging
 import time
+from functools import partial
 
+import aiohttp
 import httpx
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -171,6 +173,29 @@ def new_counters() -> Counters:
     )
 
 
+class _NoCookies(httpx.Cookies):
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+
+class UpstreamClient(httpx.AsyncClient):
+    """An httpx client without a cookie jar. An upstream's ``Set-Cookie`` (a CDN's bot cookie,
+    a session) is never sent back: requests on different keys of one provider (different
+    accounts) are not tied together by a shared cookie, and no answer pays for httpx's cookie
+    parsing (about 3 % of the CPU of a request)."""
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return _NO_COOKIES
+
+    @cookies.setter
+    def cookies(self, cookies: object) -> None:
+        pass
+
+
+_NO_COOKIES = _NoCookies()
+
+
 def new_upstream_client() -> httpx.AsyncClient:
     """One pooled client per process, with a large pool. Each request carries its provider's
     timeouts (``ProviderInfo.timeouts``).
@@ -184,11 +209,24 @@ def new_upstream_client() -> httpx.AsyncClient:
     limits = httpx.Limits(
         max_connections=1000, max_keepalive_connections=200, keepalive_expiry=KEEPALIVE_S
     )
-    return httpx.AsyncClient(
-        transport=AiohttpTransport(limits=limits, trust_env=False),
+    return UpstreamClient(
+        transport=AiohttpTransport(
+            limits=limits, trust_env=False, client=partial(_aiohttp_session, limits)
+        ),
         follow_redirects=False,
         trust_env=False,
     )
+
+
+def _aiohttp_session(limits: httpx.Limits) -> aiohttp.ClientSession:
+    """The transport's own session (made on the first request, in the event loop), with
+    aiohttp's cookie jar off as well."""
+    connector = aiohttp.TCPConnector(
+        limit=limits.max_connections,
+        keepalive_timeout=limits.keepalive_expiry,
+        ssl=httpx.create_ssl_context(trust_env=False),
+    )
+    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
 
 runtime = Runtime()

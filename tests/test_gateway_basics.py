@@ -167,3 +167,26 @@ def test_unknown_routes_and_methods_answer_in_openai_format(setup, gateway):
     response = httpx.get(gateway.url + "/chat/completions")
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_an_upstreams_cookie_is_never_sent_back(setup, gateway, fake_upstream):
+    """One provider's keys are different accounts: a cookie one answer sets (a CDN's bot cookie,
+    a session) must not follow the next request, on this key or another."""
+    provider, _, client = setup
+    # By name: cookie jars keep no cookie of a bare IP address.
+    provider.base_url = provider.base_url.replace("127.0.0.1", "localhost")
+    provider.save()
+    gateway.reload()
+    fake_upstream.reply(
+        "POST",
+        "/openrouter/api/v1/chat/completions",
+        json_body=chat_completion("openai/gpt-4o-mini", "Hi"),
+        headers={"set-cookie": "__cf_bm=account-one; Path=/; HttpOnly"},
+    )
+    for _ in range(3):
+        client.chat.completions.create(
+            model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "Hello"}]
+        )
+    sent = fake_upstream.received("/openrouter/api/v1/chat/completions")
+    assert len(sent) == 3
+    assert [request.headers.get("cookie") for request in sent] == [None, None, None]
