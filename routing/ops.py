@@ -29,6 +29,7 @@ from billing.spool import ledger_backlog as spool_backlog
 from keyaos.lib import metrics
 from keyaos.lib.db import db_task
 from providers.models import UpstreamKey
+from routing import observe
 from routing.runtime import Runtime, runtime
 
 logger = logging.getLogger("keyaos.ops")
@@ -57,6 +58,7 @@ async def application(scope, receive, send) -> None:
     elif not _may_scrape(scope):
         await _send(send, 403, {"error": "metrics: a bearer token or a loopback client is needed"})
     else:
+        observe.flush()
         output = await asyncio.to_thread(metrics.render, GatewayCollector(runtime))
         await _send_bytes(send, 200, output, metrics.CONTENT_TYPE.encode())
 

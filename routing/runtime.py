@@ -25,6 +25,7 @@ from keyaos.lib.db import db_task
 from routing.dispatcher import InFlight
 from routing.health import HealthBoard
 from routing.models import SnapshotVersion
+from routing.observe import flush as flush_metrics
 from routing.observe import request_finished
 from routing.sessions import SessionMemory
 from routing.snapshot import Snapshot, build_snapshot
@@ -94,6 +95,7 @@ class Runtime:
         if self.background:
             await asyncio.wait(self.background, timeout=5)
         await self.ledger.stop()
+        flush_metrics()
         if self.client is not None:
             await self.client.aclose()
         await self.counters.close()

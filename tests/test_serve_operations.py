@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from billing.models import LedgerEntry
+from routing.observe import FLUSH_S
 from tests.factories import make_client_key, make_key, make_offer, make_provider
 from tests.payloads import chat_chunks, chat_completion
 from tests.served import Served
@@ -78,7 +79,11 @@ def test_the_request_counter_grows_by_exactly_n_with_one_or_two_workers(
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda _: chat(served, client_key), range(40)))
     assert [answer.status_code for answer in answers] == [200] * 40
-    # Each scrape is answered by whichever worker accepts it: all report the same sum.
+    # Each worker applies its counts within observe.FLUSH_S (a scrape it answers applies its own
+    # at once); then each scrape, answered by whichever worker accepts it, reports the same sum.
+    deadline = time.monotonic() + FLUSH_S + 10
+    while request_total(served) - before < 40 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert {request_total(served) - before for _ in range(6)} == {40}
     pids = {
         line["process"]
