@@ -234,6 +234,7 @@ class Counters:
         self._pending: dict[str, int] = defaultdict(int)
         self._settling: dict[str, int] = defaultdict(int)
         self._settle_batch: asyncio.Future | None = None
+        self._sending: set[asyncio.Future] = set()  # batches on their way (kept referenced)
 
     def state(self) -> CounterState:
         if self.redis is None:
@@ -276,23 +277,39 @@ class Counters:
         return self.local.top_up(key, delta, budget_nanos)
 
     async def adjust(self, deltas: dict[str, int], *, shared: bool, spent: dict[str, int]) -> None:
+        """``queue_adjust``, returning once the settlements are sent (or kept for when Redis is
+        back)."""
+        batch = self.queue_adjust(deltas, shared=shared, spent=spent)
+        if batch is not None:
+            await asyncio.shield(batch)
+
+    def queue_adjust(
+        self, deltas: dict[str, int], *, shared: bool, spent: dict[str, int]
+    ) -> asyncio.Future | None:
         """Apply ``deltas`` where the reservation was made. ``spent`` is what the request really
         cost per counter: when the request was counted locally while Redis was away, Redis gets
         it too, so its counters include what was spent meanwhile.
 
         Redis gets the settlements of ``SETTLE_BATCH_S`` together, summed per counter, in one
-        script: a round trip per request was a third of a limited request's CPU. Returns once
-        they are sent (or kept for when Redis is back)."""
+        script: a round trip per request was a third of a limited request's CPU. Returns the
+        batch that will send them (None when there is nothing for Redis)."""
         if not shared:
             self.local.adjust(deltas)
             if self.redis is None:
-                return
+                return None
             deltas = spent
         for key, delta in deltas.items():
             self._settling[key] += delta
         if self._settle_batch is None:
-            self._settle_batch = asyncio.ensure_future(self._send_settlements())
-        await asyncio.shield(self._settle_batch)
+            batch = self._settle_batch = asyncio.ensure_future(self._send_settlements())
+            self._sending.add(batch)
+            batch.add_done_callback(self._sent)
+        return self._settle_batch
+
+    def _sent(self, batch: asyncio.Future) -> None:
+        self._sending.discard(batch)
+        if not batch.cancelled() and batch.exception() is not None:
+            logger.error("limit counters: a settlement batch failed", exc_info=batch.exception())
 
     async def _send_settlements(self) -> None:
         await asyncio.sleep(SETTLE_BATCH_S)
@@ -307,9 +324,13 @@ class Counters:
         for key, delta in deltas.items():
             self._pending[key] += delta
 
+    async def flush(self) -> None:
+        """Wait for the settlements queued so far to be sent (or kept for when Redis is back)."""
+        while self._sending:
+            await asyncio.wait(set(self._sending))
+
     async def close(self) -> None:
-        if self._settle_batch is not None:
-            await asyncio.shield(self._settle_batch)
+        await self.flush()
         if self.redis is not None:
             await self.redis.close()
 

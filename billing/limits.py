@@ -13,6 +13,7 @@ spend persisted on the key.
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import ipaddress
 import time
@@ -20,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
+from typing import Any
 
 from django.utils import timezone
 
@@ -189,12 +191,11 @@ async def admit(
     now = time.time() if now is None else now
     window = int(now) // WINDOW_S
     retry_after = WINDOW_S - int(now) % WINDOW_S
-    ask = Admission(window_ttl_s=WINDOW_S * 2)
+    fields: dict[str, Any] = {}  # one Admission built at the end (replace() costs as much)
     if limits.rpm_limit:
-        ask = replace(ask, rpm_key=f"rpm:{limits.key_id}:{window}", rpm_limit=limits.rpm_limit)
+        fields.update(rpm_key=f"rpm:{limits.key_id}:{window}", rpm_limit=limits.rpm_limit)
     if limits.tpm_limit:
-        ask = replace(
-            ask,
+        fields.update(
             tpm_key=f"tpm:{limits.key_id}:{window}",
             tpm_limit=limits.tpm_limit,
             tokens=estimated_tokens,
@@ -204,13 +205,13 @@ async def admit(
         current = timezone.now()
         start = budget_period_start(limits.budget_period, current)
         ends = next_period_start(limits.budget_period, current)
-        ask = replace(
-            ask,
+        fields.update(
             budget_key=f"budget:{limits.key_id}:{start.date().isoformat() if start else 'all'}",
             budget_nanos=to_nanos(limits.budget_usd),
             reserve_nanos=max(to_nanos(estimated_cost_usd), 0),
             budget_ttl_s=0 if ends is None else int((ends - current).total_seconds()) + 3600,
         )
+    ask = Admission(window_ttl_s=WINDOW_S * 2, **fields)
     verdict, shared = await counters.admit(ask)
     if verdict == NEEDS_SEED:
         spent = await load_spent(limits.key_id, limits.budget_period, start)
@@ -249,9 +250,20 @@ async def cover(counters: Counters, reservation: Reservation, estimated_cost_usd
 async def settle(
     counters: Counters, reservation: Reservation, *, cost_usd: Decimal, tokens: int
 ) -> None:
-    """Replace what the request reserved by what it really cost and used. Runs once."""
+    """Replace what the request reserved by what it really cost and used. Runs once; returns
+    once the counters have it (``settle_soon`` does not wait)."""
+    batch = settle_soon(counters, reservation, cost_usd=cost_usd, tokens=tokens)
+    if batch is not None:
+        await asyncio.shield(batch)
+
+
+def settle_soon(
+    counters: Counters, reservation: Reservation, *, cost_usd: Decimal, tokens: int
+) -> asyncio.Future | None:
+    """``settle`` for the end of a request: local counters change at once, Redis gets it with
+    the next settlement batch (the returned future) without a task per request."""
     if reservation.settled:
-        return
+        return None
     reservation.settled = True
     deltas: dict[str, int] = {}
     spent: dict[str, int] = {}
@@ -261,8 +273,9 @@ async def settle(
     if reservation.tokens_key is not None:
         spent[reservation.tokens_key] = tokens
         deltas[reservation.tokens_key] = tokens - reservation.reserved_tokens
-    if deltas:
-        await counters.adjust(deltas, shared=reservation.shared, spent=spent)
+    if not deltas:
+        return None
+    return counters.queue_adjust(deltas, shared=reservation.shared, spent=spent)
 
 
 async def release(counters: Counters, reservation: Reservation) -> None:

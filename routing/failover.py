@@ -26,7 +26,7 @@ from django.http import HttpResponse, StreamingHttpResponse
 
 from billing.costs import tokens_cost
 from billing.currency import usd_per_unit
-from billing.limits import Reservation, admit, cover, settle
+from billing.limits import Reservation, admit, cover, settle_soon
 from billing.models import LedgerEntry
 from billing.recorder import AttemptRecord, RequestRecord
 from billing.services import persisted_spend
@@ -383,10 +383,8 @@ class Exchange:
         )
 
     def _settle(self, *, cost_usd: Decimal, tokens: int) -> None:
-        if self.reservation is not None and not self.reservation.settled:
-            self.runtime.spawn(
-                settle(self.runtime.counters, self.reservation, cost_usd=cost_usd, tokens=tokens)
-            )
+        if self.reservation is not None:
+            settle_soon(self.runtime.counters, self.reservation, cost_usd=cost_usd, tokens=tokens)
 
     async def _attempt(self, candidate: Candidate, started: float) -> Answer | AttemptFailure:
         offer, key = candidate.offer, candidate.key

@@ -58,7 +58,8 @@ class Gateway:
         self.run(runtime.reload())
 
     def flush_ledger(self) -> None:
-        """Wait for the work done after responses: health updates, then the ledger writes."""
+        """Wait for the work done after responses: health updates, limit settlements, then the
+        ledger writes."""
         import asyncio
 
         from routing.runtime import runtime
@@ -66,6 +67,7 @@ class Gateway:
         async def settle():
             while runtime.background:
                 await asyncio.wait(set(runtime.background))
+            await runtime.counters.flush()
             await runtime.ledger.flush()
 
         self.run(settle())
