@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from keyaos.lib import jsonbody
+
 REPORTED = "reported"
 ESTIMATED = "estimated"
 NONE = "none"
@@ -68,11 +70,14 @@ def parse_anthropic_usage(usage: Any) -> Usage | None:
     )
 
 
+_DECIMAL_DECODER = json.JSONDecoder(parse_float=Decimal)
+
+
 def parse_usage_json(raw: bytes) -> Usage | None:
     """Parse the ``usage`` of a JSON body or SSE payload, keeping costs exact."""
     try:
-        payload = json.loads(raw, parse_float=Decimal)
-    except ValueError:
+        payload = jsonbody.decode(_DECIMAL_DECODER, raw)
+    except (ValueError, UnicodeDecodeError):
         return None
     return parse_usage(payload.get("usage")) if isinstance(payload, dict) else None
 

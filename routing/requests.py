@@ -10,6 +10,7 @@ from typing import Any
 from django.conf import settings
 
 from billing.usage import estimate_text_tokens
+from keyaos.lib import jsonbody
 from routing.dispatcher import ProviderPreferences
 from routing.errors import GatewayError, body_too_large
 
@@ -73,7 +74,7 @@ def load_body(raw: bytes) -> dict[str, Any]:
     if len(raw) > settings.KEYAOS_MAX_BODY_BYTES:
         raise body_too_large()
     try:
-        body = json.loads(raw, parse_float=_finite_float, parse_constant=_no_constant)
+        body = jsonbody.decode(_DECODER, raw)
     except (ValueError, UnicodeDecodeError):
         raise GatewayError(
             400, "The request body is not valid JSON.", code="invalid_json"
@@ -96,6 +97,9 @@ def _finite_float(text: str) -> float:
 
 def _no_constant(text: str) -> float:
     raise GatewayError(400, f"{text} is not a JSON number.", code="invalid_json")
+
+
+_DECODER = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
 
 
 def _too_deep() -> GatewayError:

@@ -71,6 +71,7 @@ class RowInserter:
         self.model = model
         self.fields = [field for field in model._meta.concrete_fields if not field.primary_key]
         self.known = {name for field in self.fields for name in (field.name, field.attname)}
+        self._columns = [(field.name, field.attname, field) for field in self.fields]
         self.skip_conflicts = skip_conflicts
         self.returning = returning
         self._adapted = [
@@ -88,14 +89,10 @@ class RowInserter:
     def values(self, row: dict[str, Any]) -> list[Any]:
         if unknown := row.keys() - self.known:
             raise ValueError(f"{self.model.__name__} has no field {', '.join(sorted(unknown))}")
-        values = []
-        for field in self.fields:
-            if field.name in row:
-                values.append(row[field.name])
-            elif field.attname in row:
-                values.append(row[field.attname])
-            else:
-                values.append(field.get_default())
+        values = [
+            row[name] if name in row else row[attname] if attname in row else field.get_default()
+            for name, attname, field in self._columns
+        ]
         ops = connection.ops
         for index, field, kind in self._adapted:
             value = values[index]
