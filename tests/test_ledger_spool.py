@@ -209,3 +209,39 @@ def test_a_model_name_no_database_can_store_still_gets_a_row(gateway, fake_upstr
     assert entry.requested_model == stored and entry.api_key_id == api_key.pk
     assert "\x00" not in entry.error
     assert ApiKey.objects.get(pk=api_key.pk).last_used_at is not None
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["openai/gpt-4o-mini", "qwen/通义千问 ✓", "nul\x00in\nthe\u2028name", "lone \ud800 surrogate"],
+)
+def test_a_spooled_record_is_one_line_that_reads_back_as_it_was(model):
+    """orjson writes the line; what it refuses (a lone surrogate) the standard library does."""
+    from billing.recorder import AttemptRecord
+
+    original = RequestRecord(
+        request_id="req_000001",
+        api_key_id=3,
+        requested_model=model,
+        endpoint="chat/completions",
+        streamed=True,
+        outcome="ok",
+        status_code=200,
+        provider_id=1,
+        upstream_key_id=2,
+        upstream_model=model,
+        usage=Usage(prompt_tokens=10, completion_tokens=5, reported_cost=Decimal("0.00000123")),
+        prices=Prices("CNY", Decimal("2.0"), Decimal("8"), cached_input_per_mtok=Decimal("0.5")),
+        multiplier=Decimal("0.85"),
+        usd_per_unit=Decimal("0.1389"),
+        attempts=[AttemptRecord(1, 2, model, 503, "transient", "busy", 12)],
+        latency_ms=40,
+        ttfb_ms=7,
+        overhead_ms=0.321,
+        expected_cache_saving_usd=Decimal("0.0001"),
+    )
+    line = original.to_json()
+    assert "\n" not in line and "\r" not in line
+    read_back = RequestRecord.from_json(json.loads(line.encode()))
+    read_back.expected_cache_saving_usd = Decimal(read_back.expected_cache_saving_usd)
+    assert read_back == original
