@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from django.conf import settings
 
 from billing.usage import estimate_text_tokens
@@ -66,7 +67,10 @@ class ClientRequest:
         body = {**self.body, "model": upstream_model_id}
         if self.reasoning is not None and reasoning_parameter:
             body[reasoning_parameter] = self.reasoning
-        return json.dumps(body).encode()
+        try:
+            return orjson.dumps(body)
+        except TypeError:  # what orjson refuses (a lone surrogate, an integer over 64 bits)
+            return json.dumps(body).encode()
 
 
 def load_body(raw: bytes) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from decimal import Decimal
@@ -81,6 +82,19 @@ def test_json_nested_to_the_limit_is_served(gateway, limited_key):
     content = f'{{"model": "{MODEL}", "messages": {MESSAGES}, "tools": {nested}}}'.encode()
 
     assert post(gateway, limited_key, content).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "value", ['"lone \\ud800 surrogate"', "123456789012345678901234567890", '"CJK 通义 ✓"']
+)
+def test_what_a_fast_json_encoder_refuses_still_reaches_the_upstream_intact(
+    gateway, limited_key, fake_upstream, value
+):
+    content = f'{{"model": "{MODEL}", "messages": {MESSAGES}, "user": {value}}}'.encode()
+
+    assert post(gateway, limited_key, content).status_code == 200
+    sent = fake_upstream.received("/or/chat/completions")[-1]
+    assert sent.json()["user"] == json.loads(value)
 
 
 @pytest.mark.parametrize("path", ["/v1/", "/v1", "/v1/nothing"])
