@@ -65,17 +65,24 @@ def session_id(headers: Mapping[str, str], body: dict[str, Any], *, client_id: i
     for name in SESSION_HEADERS:
         value = headers.get(name)
         if value:
-            return f"{client_id}:h:{value[:200]}"
+            return f"{client_id}:h:{_named(value)}"
     metadata = body.get("metadata")
     user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
     for value in (body.get("prompt_cache_key"), user_id, body.get("user")):
         if isinstance(value, str) and value:
-            return f"{client_id}:b:{value[:200]}"
+            return f"{client_id}:b:{_named(value)}"
     digest = hashlib.blake2b(digest_size=16)
     digest.update(_bytes(str(body.get("model"))))
     system, first_user = _conversation_start(body)
     digest.update(b"\0" + _bytes(system) + b"\0" + _bytes(first_user))
     return f"{client_id}:d:{digest.hexdigest()}"
+
+
+def _named(value: str) -> str:
+    """A name the client gave, as a digest: any text (a lone surrogate, a newline, 200
+    characters) makes a Redis key, and the key does not repeat what the client sent."""
+    digest = hashlib.blake2b(value[:200].encode("utf-8", "surrogatepass"), digest_size=16)
+    return digest.hexdigest()
 
 
 def _conversation_start(body: dict[str, Any]) -> tuple[Any, Any]:

@@ -21,16 +21,27 @@ def chat(system: str, first: str, *later: str, **fields):
 
 class TestSessionId:
     def test_the_client_names_it_by_header_first(self):
-        for header in ("X-Claude-Code-Session-Id", "session_id", "session-id"):
-            headers = {header.lower(): "abc"}
-            assert session_id(headers, chat("s", "u"), client_id=1) == "1:h:abc"
+        ids = {
+            session_id({header.lower(): "abc"}, chat("s", "u", user="other"), client_id=1)
+            for header in ("X-Claude-Code-Session-Id", "session_id", "session-id")
+        }
+        assert len(ids) == 1 and ids.pop().startswith("1:h:")
+        assert session_id({"session-id": "abd"}, chat("s", "u"), client_id=1) not in ids
 
     @pytest.mark.parametrize(
         "fields",
         [{"prompt_cache_key": "abc"}, {"metadata": {"user_id": "abc"}}, {"user": "abc"}],
     )
     def test_or_by_a_body_field(self, fields):
-        assert session_id({}, chat("s", "u", **fields), client_id=1) == "1:b:abc"
+        named = session_id({}, chat("s", "u", **fields), client_id=1)
+        assert named == session_id({}, chat("other", "start", user="abc"), client_id=1)
+        assert named.startswith("1:b:") and "abc" not in named
+
+    @pytest.mark.parametrize("name", ["lone \ud800", "a\nb", "x" * 500])
+    def test_any_name_makes_an_ascii_key(self, name):
+        named = session_id({}, chat("s", "u", user=name), client_id=1)
+        assert named.isascii() and len(named) < 64
+        assert named != session_id({}, chat("s", "u", user="!" + name), client_id=1)
 
     def test_otherwise_the_start_of_the_conversation_names_it(self):
         first = session_id({}, chat("system", "question"), client_id=1)
