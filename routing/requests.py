@@ -7,7 +7,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from django.conf import settings
 
 from billing.usage import estimate_text_tokens
@@ -42,7 +41,7 @@ class NativeCall:
     headers: dict[str, str]  # the client's protocol headers worth forwarding
 
     def upstream_body(self, upstream_model_id: str) -> bytes:
-        return json.dumps({**self.body, "model": upstream_model_id}).encode()
+        return jsonbody.encode({**self.body, "model": upstream_model_id})
 
     def headers_for(self, base_url: str) -> dict[str, str]:
         return self.headers
@@ -67,10 +66,7 @@ class ClientRequest:
         body = {**self.body, "model": upstream_model_id}
         if self.reasoning is not None and reasoning_parameter:
             body[reasoning_parameter] = self.reasoning
-        try:
-            return orjson.dumps(body)
-        except TypeError:  # what orjson refuses (a lone surrogate, an integer over 64 bits)
-            return json.dumps(body).encode()
+        return jsonbody.encode(body)
 
 
 def load_body(raw: bytes) -> dict[str, Any]:
