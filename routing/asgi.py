@@ -171,26 +171,27 @@ async def _send_with_keepalive(
     not a task: a stream that is never silent that long costs one timer, not a task to cancel.
     """
     loop = asyncio.get_running_loop()
-    state = {"sent": True, "timer": None}
+    sent = True
     pings: set[asyncio.Task] = set()
 
     def tick() -> None:
-        if not state["sent"]:
+        nonlocal sent, timer
+        if not sent:
             ping = loop.create_task(
                 send({"type": "http.response.body", "body": event, "more_body": True})
             )
             pings.add(ping)
             ping.add_done_callback(pings.discard)
-        state["sent"] = False
-        state["timer"] = loop.call_later(interval_s, tick)
+        sent = False
+        timer = loop.call_later(interval_s, tick)
 
-    state["timer"] = loop.call_later(interval_s, tick)
+    timer = loop.call_later(interval_s, tick)
     try:
         async for chunk in response.streaming_content:
-            state["sent"] = True
+            sent = True
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     finally:
-        state["timer"].cancel()
+        timer.cancel()
         for ping in pings:
             ping.cancel()
 

@@ -81,8 +81,8 @@ class _Pending:
     """Metric updates gathered on the event loop and applied to the library at most ``FLUSH_S``
     later, summed per labelled child. A request then adds to a few dict entries instead of
     making a dozen library calls, each of which takes a lock, checks the process id and writes
-    the multiprocess file; applied together they also run with warm caches. ``/metrics`` on
-    this process applies them first (``flush``), and so does the runtime when it stops."""
+    the multiprocess file. ``/metrics`` on this process applies them first (``flush``), and so
+    does the runtime when it stops."""
 
     def __init__(self) -> None:
         self.increments: defaultdict[Any, float] = defaultdict(float)
