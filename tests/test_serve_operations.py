@@ -81,7 +81,7 @@ def test_the_request_counter_grows_by_exactly_n_with_one_or_two_workers(
     assert [answer.status_code for answer in answers] == [200] * 40
     # Each worker applies its counts within observe.FLUSH_S (a scrape it answers applies its own
     # at once); then each scrape, answered by whichever worker accepts it, reports the same sum.
-    deadline = time.monotonic() + FLUSH_S + 10
+    deadline = time.monotonic() + FLUSH_S + 2  # a second's lag, and a loaded machine's margin
     while request_total(served) - before < 40 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert {request_total(served) - before for _ in range(6)} == {40}
