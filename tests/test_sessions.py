@@ -59,11 +59,18 @@ class TestSessionId:
 STATE = SessionState(key_id=7, offer_id=3, served_at=1000.0, prompt_tokens=1200, ttl_s=300.0)
 
 
-def test_every_process_sees_a_session_through_redis():
+@pytest.fixture
+def shared() -> redis.Redis:
+    """The Redis both processes of a test share, or the test is skipped."""
+    client = redis.Redis.from_url(REDIS_URL)
     try:
-        redis.Redis.from_url(REDIS_URL).ping()
+        client.ping()
     except redis.exceptions.ConnectionError:
         pytest.skip("no Redis on 127.0.0.1:6379")
+    return client
+
+
+def test_every_process_sees_a_session_through_redis(shared):
     name = f"test-{uuid.uuid4().hex}"
 
     async def scenario():
@@ -78,18 +85,14 @@ def test_every_process_sees_a_session_through_redis():
             await reader.close()
 
     asyncio.run(scenario())
-    shared = redis.Redis.from_url(REDIS_URL)
     assert 0 < shared.ttl(KEY_PREFIX + name) <= 301
     shared.delete(KEY_PREFIX + name)
 
 
-def test_a_session_served_again_by_its_key_is_shared_again_only_after_a_tenth_of_its_ttl():
-    try:
-        redis.Redis.from_url(REDIS_URL).ping()
-    except redis.exceptions.ConnectionError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
+def test_a_session_served_again_by_its_key_is_shared_again_only_after_a_tenth_of_its_ttl(
+    shared,
+):
     name = f"test-{uuid.uuid4().hex}"
-    shared = redis.Redis.from_url(REDIS_URL)
 
     def later(seconds: float, **changes) -> SessionState:
         fields = {**vars(STATE), "served_at": STATE.served_at + seconds, **changes}
