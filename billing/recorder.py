@@ -45,7 +45,7 @@ BATCH_SIZE = 500
 # A batch waits this long for company once its first record is spooled (not when behind), or
 # until this many records wait: under load a turn of the loop takes milliseconds, and a batch
 # that waited out the window and then a turn took two.
-BATCH_WINDOW_S = 0.025
+BATCH_WINDOW_S = 0.05
 BATCH_FILL = 32
 BATCHES_IN_FLIGHT = 2
 # Records prepared on the event loop (about 30 us each) before it takes its next turn.
