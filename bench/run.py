@@ -864,6 +864,17 @@ def report(result: dict) -> str:
             for concurrency, share in result["limited_rps_share"].items()
         )
         lines.append(f"limited key (budget, rpm, tpm in Redis) rps / unlimited rps: {shares}")
+    limited_pairs = result.get("limited_pairs")
+    if limited_pairs:
+        medians = []
+        for concurrency, share in limited_pairs["shares"].items():
+            if share["median"] is not None:
+                ratios = ", ".join(f"{ratio:.2f}" for ratio in share["ratios"])
+                medians.append(f"c{concurrency} {share['median']:.0%} ({ratios})")
+        lines.append(
+            f"limited / unlimited rps in {limited_pairs['pairs']} alternated pairs "
+            f"({limited_pairs['duration_s']:g} s each), median: {', '.join(medians)}"
+        )
     pairs = result.get("translation_pairs")
     if pairs and pairs["median_ms"] is not None:
         lines.append(
@@ -953,6 +964,7 @@ def run(args: argparse.Namespace) -> dict:
                     _progress(f"bench: {mode} at concurrency {concurrency}")
                     rows.append(phase(bench, mode, concurrency))
         pairs = measure_translation_pairs(bench) if not args.soak else None
+        limited_pairs = measure_limited_pairs(bench) if not args.soak else None
         peak_mb = proc_status_mb(bench.gateway.pid, "VmHWM")
         rss_mb = proc_status_mb(bench.gateway.pid, "VmRSS")
         stop_gateway(bench)
@@ -988,6 +1000,7 @@ def run(args: argparse.Namespace) -> dict:
             "translation_pairs": pairs,
             "targets": targets(rows, startup_s, peak_mb, writer, pairs) if rows else None,
             "limited_rps_share": limited_rps_share(rows),
+            "limited_pairs": limited_pairs,
             "notes": bench.notes,
         }
         if bench.gateway.returncode not in (0, -signal.SIGINT, 128 + signal.SIGINT):
@@ -1023,6 +1036,35 @@ def measure_translation_pairs(bench: Bench) -> dict | None:
         "duration_s": bench.args.pair_duration,
         "differences_ms": differences,
         "median_ms": round(statistics.median(differences), 3) if differences else None,
+    }
+
+
+def measure_limited_pairs(bench: Bench) -> dict | None:
+    """The limited key's requests per second over the unlimited key's, in back-to-back pairs at
+    each concurrency (``--limited-pairs``, ``--pair-duration`` seconds each): the phases of the
+    two modes run minutes apart, and the host's speed drifts by more than the limits cost."""
+    modes = bench.args.modes
+    if not bench.args.limited_pairs or "json" not in modes or "limited" not in modes:
+        return None
+    _progress(f"bench: {bench.args.limited_pairs} alternated json/limited pairs per concurrency")
+    shares = {}
+    for concurrency in bench.args.concurrency:
+        ratios = []
+        for _ in range(bench.args.limited_pairs):
+            rps = {
+                mode: run_load(bench, "keyaos", mode, concurrency, bench.args.pair_duration)["rps"]
+                for mode in ("json", "limited")
+            }
+            if rps["json"]:
+                ratios.append(round(rps["limited"] / rps["json"], 3))
+        shares[str(concurrency)] = {
+            "ratios": ratios,
+            "median": round(statistics.median(ratios), 3) if ratios else None,
+        }
+    return {
+        "pairs": bench.args.limited_pairs,
+        "duration_s": bench.args.pair_duration,
+        "shares": shares,
     }
 
 
@@ -1084,6 +1126,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=5,
         help="alternated stream/messages loads at c1 for the translation's CPU; 0: skip",
+    )
+    parser.add_argument(
+        "--limited-pairs",
+        type=int,
+        default=5,
+        help="alternated json/limited loads per concurrency for the limits' cost; 0: skip",
     )
     parser.add_argument(
         "--pair-duration", type=float, default=2.0, help="measured seconds per load of a pair"
