@@ -88,22 +88,28 @@ class _Pending:
         self.increments: defaultdict[Any, float] = defaultdict(float)
         self.observations: defaultdict[Any, list[float]] = defaultdict(list)
         self.timer: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def inc(self, child: Any, amount: float = 1.0) -> None:
         self.increments[child] += amount
-        if self.timer is None:
+        if self.timer is None or self.loop.is_closed():
             self._schedule()
 
     def observe(self, child: Any, value: float) -> None:
         self.observations[child].append(value)
-        if self.timer is None:
+        if self.timer is None or self.loop.is_closed():
             self._schedule()
 
     def _schedule(self) -> None:
+        if self.timer is not None:  # its event loop ended before the timer fired
+            self.flush()
+            return
         try:
-            self.timer = asyncio.get_running_loop().call_later(FLUSH_S, self.flush)
+            self.loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop in this thread: nothing would flush later
             self.flush()
+            return
+        self.timer = self.loop.call_later(FLUSH_S, self.flush)
 
     def flush(self) -> None:
         if self.timer is not None:

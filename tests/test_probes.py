@@ -202,6 +202,35 @@ def test_many_requests_in_flight_with_failures_are_each_counted_once(setup, gate
     assert after[("keyaos_requests_in_flight", ())] == 0
 
 
+class _Tally:
+    """Stands for a labelled metric child: what ``_Pending`` finally applies to it."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+
+    def inc(self, amount: float) -> None:
+        self.total += amount
+
+
+def test_counts_left_when_an_event_loop_ends_are_applied_and_counting_goes_on_in_the_next():
+    """The gateway's loop can end before the flush timer fires (a restart in one process, each
+    test's loop): the next loop's first count applies the old ones and starts a timer of its
+    own, instead of waiting for a timer that will never fire."""
+    from routing.observe import FLUSH_S, _Pending
+
+    pending, tally = _Pending(), _Tally()
+
+    async def count(wait_s: float) -> None:
+        pending.inc(tally)
+        await asyncio.sleep(wait_s)
+
+    asyncio.run(count(0))
+    assert tally.total == 0  # not yet due
+    asyncio.run(count(FLUSH_S + 0.3))
+
+    assert tally.total == 2
+
+
 def test_metrics_need_the_token_when_one_is_set(gateway, settings):
     settings.KEYAOS_METRICS_TOKEN = "metrics-token-123"
     assert httpx.get(base(gateway) + "/metrics").status_code == 403
