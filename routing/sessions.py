@@ -81,8 +81,7 @@ def session_id(headers: Mapping[str, str], body: dict[str, Any], *, client_id: i
 def _named(value: str) -> str:
     """A name the client gave, as a digest: any text (a lone surrogate, a newline, 200
     characters) makes a Redis key, and the key does not repeat what the client sent."""
-    digest = hashlib.blake2b(value[:200].encode("utf-8", "surrogatepass"), digest_size=16)
-    return digest.hexdigest()
+    return hashlib.blake2b(_bytes(value[:200]), digest_size=16).hexdigest()
 
 
 def _conversation_start(body: dict[str, Any]) -> tuple[Any, Any]:
