@@ -1,12 +1,17 @@
 """Where the client-key limit counters live: Redis, shared by every gateway process, or this one.
 
-Each operation is one round trip: a small Lua script checks and changes every counter of a request
-at once, and the settlements of 10 ms go together in one. When Redis cannot be reached the
-counters fall back to this process's own (one warning in the log, and ``state()`` says so for
-``/ready``); every ``KEYAOS_REDIS_RETRY_S`` one request tries
-Redis again, and the first that succeeds switches every request back. What could not be written to
-Redis meanwhile (a settlement, the spend of requests admitted locally) is added to the counters
-that still exist there once it is back; a counter Redis lost is seeded again from the database.
+A Redis counter is a hash: its value ``n`` and its generation ``g``, set when the counter is
+created, so a settlement or a lease given back after Redis lost the counter (a restart) does not
+change the new one that was seeded from the database. An admission that goes to Redis is one
+round trip: a small Lua script checks and changes every counter of the request at once and
+leases this process a share of the room left (``Counters``), from which the next requests are
+admitted in memory; the settlements of 10 ms go together in one script. When Redis cannot be
+reached the counters fall back to this process's own (one warning in the log, and ``state()``
+says so for ``/ready``); every ``KEYAOS_REDIS_RETRY_S`` one request tries Redis again, and the
+first that succeeds switches every request back. What could not be written to Redis meanwhile
+(a settlement, a lease given back, the spend of requests admitted locally) is added to the
+counters that still exist there once it is back; a counter Redis lost is seeded again from the
+database.
 
 Without ``REDIS_URL`` only this process's counters exist, as they always did.
 """
@@ -31,6 +36,9 @@ ADMITTED, RPM_REFUSED, TPM_REFUSED, NEEDS_SEED, BUDGET_REFUSED = range(5)
 KEY_PREFIX = "keyaos:limits:"
 _SWEEP_S = 60.0
 SETTLE_BATCH_S = 0.01
+LEASE_S = 1.0
+LEASE_REQUESTS = 32
+LEASE_MAX_REQUESTS = 2048
 
 
 @dataclass(frozen=True)
@@ -130,47 +138,77 @@ class LocalCounters:
             del self._values[key]
 
 
-_ADMIT = """
-local window_ttl, rpm_limit, tpm_limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local budget, budget_ttl, seed = tonumber(ARGV[5]), tonumber(ARGV[7]), ARGV[8]
-if budget >= 0 and seed == '' and redis.call('EXISTS', KEYS[3]) == 0 then return 3 end
-if rpm_limit > 0 then
-  local count = redis.call('INCR', KEYS[1])
-  if count == 1 then redis.call('EXPIRE', KEYS[1], window_ttl) end
-  if count > rpm_limit then return 1 end
-end
-if tpm_limit > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') >= tpm_limit then return 2 end
-if budget >= 0 then
-  local total = redis.call('GET', KEYS[3])
-  if not total then
-    total = seed
-    if budget_ttl > 0 then
-      redis.call('SET', KEYS[3], seed, 'EX', budget_ttl)
-    else
-      redis.call('SET', KEYS[3], seed)
-    end
+_OPEN = """
+local fresh
+local function open(key, initial, ttl)
+  local item = redis.call('HMGET', key, 'n', 'g')
+  if item[1] then return tonumber(item[1]), item[2] end
+  if not fresh then
+    local now = redis.call('TIME')
+    fresh = now[1] .. '.' .. now[2]
   end
-  if tonumber(total) >= budget then return 4 end
-  redis.call('INCRBY', KEYS[3], ARGV[6])
+  redis.call('HSET', key, 'n', initial, 'g', fresh)
+  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+  return tonumber(initial), fresh
 end
-if tpm_limit > 0 then
-  redis.call('INCRBY', KEYS[2], ARGV[4])
-  if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], window_ttl) end
+local function lease(key, room, unit, most)
+  local grant = math.min(most, math.floor(room / 8))
+  if grant < unit or grant <= 0 then return 0 end
+  redis.call('HINCRBY', key, 'n', string.format('%d', grant))
+  return grant
 end
-return 0
 """
 
+_ADMIT = (
+    _OPEN
+    + """
+local window_ttl, rpm_limit, tpm_limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tokens, budget, reserve = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local budget_ttl, seed, lease_requests = tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
+local tokens_unit, budget_unit = tonumber(ARGV[10]), tonumber(ARGV[11])
+if budget >= 0 and seed == '' and redis.call('EXISTS', KEYS[3]) == 0 then return {3} end
+local answer = {0, '', 0, '', 0, '', 0}
+if rpm_limit > 0 then
+  local count, gen = open(KEYS[1], 0, window_ttl)
+  count = redis.call('HINCRBY', KEYS[1], 'n', 1)
+  if count > rpm_limit then return {1} end
+  answer[2], answer[3] = gen, lease(KEYS[1], rpm_limit - count, 1, lease_requests)
+end
+local used, tokens_gen = 0, ''
+if tpm_limit > 0 then
+  used, tokens_gen = open(KEYS[2], 0, window_ttl)
+  answer[4] = tokens_gen
+  if used >= tpm_limit then answer[1] = 2 return answer end
+end
+if budget >= 0 then
+  local total, gen = open(KEYS[3], seed, budget_ttl)
+  answer[6] = gen
+  if total >= budget then answer[1] = 4 return answer end
+  redis.call('HINCRBY', KEYS[3], 'n', ARGV[6])
+  answer[7] = lease(KEYS[3], budget - total - reserve, budget_unit, budget_unit * lease_requests)
+end
+if tpm_limit > 0 then
+  redis.call('HINCRBY', KEYS[2], 'n', ARGV[4])
+  answer[5] = lease(KEYS[2], tpm_limit - used - tokens, tokens_unit, tokens_unit * lease_requests)
+end
+return answer
+"""
+)
+
 _TOP_UP = """
-local total = redis.call('GET', KEYS[1])
-if not total then return 1 end
-if tonumber(total) + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return 0 end
-redis.call('INCRBY', KEYS[1], ARGV[1])
+local item = redis.call('HMGET', KEYS[1], 'n', 'g')
+if not item[1] or item[2] ~= ARGV[3] then return 1 end
+if tonumber(item[1]) + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return 0 end
+redis.call('HINCRBY', KEYS[1], 'n', ARGV[1])
 return 1
 """
 
 _ADJUST = """
 for i, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 1 then redis.call('INCRBY', key, ARGV[i]) end
+  local gen = redis.call('HGET', key, 'g')
+  if gen and (ARGV[2 * i] == '' or ARGV[2 * i] == gen) then
+    redis.call('HINCRBY', key, 'n', ARGV[2 * i - 1])
+  end
 end
 return 0
 """
@@ -191,7 +229,12 @@ class RedisCounters:
         self._top_up = self.client.register_script(_TOP_UP)
         self._adjust = self.client.register_script(_ADJUST)
 
-    async def admit(self, ask: Admission) -> int:
+    async def admit(
+        self, ask: Admission, lease_requests: int, tokens_unit: int, budget_unit: int
+    ) -> list:
+        """``*_unit``: what one request is expected to take of that counter (a lease holds
+        ``lease_requests`` of them). The script's answer: ``[verdict]``, or ``[verdict, rpm
+        generation, rpm lease, tpm generation, tpm lease, budget generation, budget lease]``."""
         keys = [KEY_PREFIX + (k or "-") for k in (ask.rpm_key, ask.tpm_key, ask.budget_key)]
         seed = "" if ask.seed_nanos is None else str(ask.seed_nanos)
         args = [
@@ -203,25 +246,74 @@ class RedisCounters:
             ask.reserve_nanos,
             ask.budget_ttl_s,
             seed,
+            lease_requests,
+            tokens_unit,
+            budget_unit,
         ]
-        return int(await self._admit(keys=keys, args=args))
+        return await self._admit(keys=keys, args=args)
 
-    async def top_up(self, key: str, delta: int, budget_nanos: int) -> bool:
-        return bool(await self._top_up(keys=[KEY_PREFIX + key], args=[delta, budget_nanos]))
+    async def top_up(self, key: str, generation: str, delta: int, budget_nanos: int) -> bool:
+        args = [delta, budget_nanos, generation]
+        return bool(await self._top_up(keys=[KEY_PREFIX + key], args=args))
 
-    async def adjust(self, deltas: dict[str, int]) -> None:
-        changes = [(KEY_PREFIX + key, delta) for key, delta in deltas.items() if delta]
+    async def adjust(self, deltas: dict[tuple[str, str], int]) -> None:
+        """Add each delta to its counter if that counter is still the incarnation the delta
+        belongs to (a generation of "" matches any)."""
+        changes = [(key, generation, d) for (key, generation), d in deltas.items() if d]
         if changes:
-            await self._adjust(keys=[k for k, _ in changes], args=[d for _, d in changes])
+            await self._adjust(
+                keys=[KEY_PREFIX + key for key, _, _ in changes],
+                args=[part for _, generation, d in changes for part in (d, generation)],
+            )
 
     async def close(self) -> None:
         await self.client.aclose()
 
 
+@dataclass(slots=True)
+class Verdict:
+    """What the counters answered an admission, and what its settlement needs: where it was
+    counted, and the incarnation (generation) of each Redis counter it changed."""
+
+    code: int
+    shared: bool = False
+    tokens_generation: str = ""
+    budget_generation: str = ""
+    tokens_reserved: bool = True  # False: the settlement adds the tokens used, all of them
+
+
+@dataclass(slots=True)
+class _Lease:
+    """Room a Redis counter holds for this process: requests are admitted from it without a
+    round trip, and what is left goes back to Redis when it ends."""
+
+    generation: str
+    left: int
+    ends: float  # monotonic
+    per_request: int = 0  # what the last request settled on it really took
+    size: int = LEASE_REQUESTS  # requests' worth asked for at the last grant
+    granted: float = 0.0  # monotonic time of the last grant
+
+
+def _covers(lease: _Lease | None, amount: int, now: float) -> bool:
+    return lease is not None and lease.left >= amount and lease.left > 0 and lease.ends > now
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class Counters:
     """Redis when configured and reachable, this process's counters otherwise.
 
-    Each call answers which store served it (``shared``): a reservation settles where it was made.
+    Each admission answers which store served it (``Verdict.shared``): a reservation settles
+    where it was made. With Redis, an admission that finds room also leases a share of it for
+    this process (``LEASE_REQUESTS`` requests' worth, growing to ``LEASE_MAX_REQUESTS`` while
+    leases run out fast, and at most an eighth of what is left, per counter), so most requests
+    are admitted from leases, in memory; settlements come out of the lease while it lasts, and
+    what is left of a lease goes back after ``LEASE_S``. A lease is counted in Redis from the
+    start: other processes see less room, never more, and the budget bound holds (a lease never
+    reaches past the budget).
     """
 
     def __init__(self, redis_url: str = "", *, timeout_s: float = 0.5, retry_s: float = 2.0):
@@ -231,8 +323,12 @@ class Counters:
         self._retry_at = 0.0
         self._down_since: float | None = None
         self._error = ""
-        self._pending: dict[str, int] = defaultdict(int)
-        self._settling: dict[str, int] = defaultdict(int)
+        self._leases: dict[str, _Lease] = {}
+        self._refills: dict[tuple, asyncio.Future] = {}  # counters -> the admission asking Redis
+        self._lease_timer: asyncio.TimerHandle | None = None
+        self._lease_loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[tuple[str, str], int] = defaultdict(int)
+        self._settling: dict[tuple[str, str], int] = defaultdict(int)
         self._settle_batch: asyncio.Future | None = None
         self._sending: set[asyncio.Future] = set()  # batches on their way (kept referenced)
 
@@ -255,56 +351,209 @@ class Counters:
             "client key limits use this process's counters"
         )
 
-    async def admit(self, ask: Admission) -> tuple[int, bool]:
+    def leased(self, key: str) -> int:
+        """What this process holds leased of a counter and has not handed out."""
+        lease = self._leases.get(key)
+        return 0 if lease is None else lease.left
+
+    async def admit(self, ask: Admission) -> Verdict:
+        counters = (ask.rpm_key, ask.tpm_key, ask.budget_key)
+        if self._down_since is None and self.redis is not None:
+            verdict = await self._admit_leased_or_wait(ask, counters)
+            if verdict is not None:
+                return verdict
+        if await self._redis_usable():
+            refill = self._refills[counters] = asyncio.get_running_loop().create_future()
+            code = None
+            try:
+                size = self._lease_size(ask)
+                answer = await self.redis.admit(ask, size, *self._lease_units(ask))
+            except (RedisError, OSError) as error:
+                self._failed(error)
+            else:
+                verdict = self._answered(ask, answer, size)
+                code = verdict.code
+                return verdict
+            finally:
+                del self._refills[counters]
+                refill.set_result(code)
+        return Verdict(self.local.admit(ask))
+
+    async def _admit_leased_or_wait(self, ask: Admission, counters: tuple) -> Verdict | None:
+        """Admit from the leases, waiting for the one request of these counters that is asking
+        Redis, if any, to bring a new lease; None when this request must ask Redis itself.
+
+        One at a time: requests that ask Redis at once queue on its client's connection pool,
+        one a turn of the event loop, which under load is a queue of half a second."""
+        while True:
+            verdict = self._admit_leased(ask)
+            if verdict is not None:
+                return verdict
+            refill = self._refills.get(counters)
+            if refill is None:
+                return None
+            code = await asyncio.shield(refill)
+            if code is None:  # it failed or was cancelled: ask Redis (or fall back) in turn
+                return None
+            if code == NEEDS_SEED and ask.seed_nanos is not None:
+                continue  # this request brings the seed
+            if code != ADMITTED:  # what Redis answers these counters now, unless a lease has room
+                return self._admit_leased(ask) or Verdict(code, shared=True)
+
+    def _admit_leased(self, ask: Admission) -> Verdict | None:
+        """Admit from this process's leases when they cover every counter of the request."""
+        leases, now = self._leases, time.monotonic()
+        rpm = tpm = budget = None
+        if ask.rpm_limit:
+            rpm = leases.get(ask.rpm_key)
+            if not _covers(rpm, 1, now):
+                return None
+        if ask.tpm_limit:
+            tpm = leases.get(ask.tpm_key)
+            if not _covers(tpm, ask.tokens, now):
+                return None
+        if ask.budget_nanos >= 0:
+            budget = leases.get(ask.budget_key)
+            if not _covers(budget, ask.reserve_nanos, now):
+                return None
+        verdict = Verdict(ADMITTED, shared=True)
+        if rpm is not None:
+            rpm.left -= 1
+        if tpm is not None:
+            tpm.left -= ask.tokens
+            verdict.tokens_generation = tpm.generation
+        if budget is not None:
+            budget.left -= ask.reserve_nanos
+            verdict.budget_generation = budget.generation
+        return verdict
+
+    def _lease_size(self, ask: Admission) -> int:
+        """How many requests' worth to lease: four times the last lease when it ran out within
+        ``LEASE_S / 8`` of its grant (a lease per round trip would hold the requests back:
+        they ask Redis one at a time), back to ``LEASE_REQUESTS`` once a lease has ended."""
+        size, now = LEASE_REQUESTS, time.monotonic()
+        for key in (ask.rpm_key, ask.tpm_key, ask.budget_key):
+            lease = self._leases.get(key)
+            if lease is not None:
+                fast = now - lease.granted < LEASE_S / 8
+                size = max(size, lease.size * 4 if fast else lease.size)
+        return min(size, LEASE_MAX_REQUESTS)
+
+    def _lease_units(self, ask: Admission) -> tuple[int, int]:
+        """What a request of this key takes of its tokens and budget counters: its reservation,
+        or what the last one settled if more (tokens are reserved for the prompt alone)."""
+        tokens = self._leases.get(ask.tpm_key)
+        budget = self._leases.get(ask.budget_key)
+        return (
+            max(ask.tokens, 1, tokens.per_request if tokens else 0),
+            max(ask.reserve_nanos, 1, budget.per_request if budget else 0),
+        )
+
+    def _answered(self, ask: Admission, answer: list, size: int) -> Verdict:
+        code = int(answer[0])
+        if len(answer) == 1:
+            return Verdict(code, shared=True)
+        rpm_generation, tokens_generation, budget_generation = map(_text, answer[1:6:2])
+        now = time.monotonic()
+        for key, generation, grant in (
+            (ask.rpm_key, rpm_generation, answer[2]),
+            (ask.tpm_key, tokens_generation, answer[4]),
+            (ask.budget_key, budget_generation, answer[6]),
+        ):
+            if grant:
+                self._lease(key, generation, int(grant), now, size)
+        verdict = Verdict(code, True, tokens_generation, budget_generation)
+        if code == BUDGET_REFUSED:
+            # A lease this process was granted while this request was on its way has the room.
+            lease = self._leases.get(ask.budget_key)
+            if _covers(lease, ask.reserve_nanos, now) and lease.generation == budget_generation:
+                lease.left -= ask.reserve_nanos
+                verdict.code, verdict.tokens_reserved = ADMITTED, False
+        return verdict
+
+    def _lease(self, key: str, generation: str, grant: int, now: float, size: int) -> None:
+        lease = self._leases.get(key)
+        if lease is None or lease.generation != generation:
+            per_request = 0 if lease is None else lease.per_request
+            lease = self._leases[key] = _Lease(generation, 0, now, per_request)
+        lease.left += grant
+        lease.ends = now + LEASE_S
+        lease.size, lease.granted = size, now
+        if self._lease_timer is None or self._lease_loop.is_closed():
+            self._lease_loop = asyncio.get_running_loop()
+            self._lease_timer = self._lease_loop.call_later(LEASE_S, self._end_leases)
+
+    def _end_leases(self, *, every: bool = False) -> None:
+        """Give back to Redis what is left of the leases that ended (``every``: of all)."""
+        self._lease_timer = None
+        now = time.monotonic()
+        for key, lease in list(self._leases.items()):
+            if every or lease.ends <= now:
+                del self._leases[key]
+                if lease.left:
+                    self._queue(key, lease.generation, -lease.left)
+        if self._leases:
+            self._lease_loop = asyncio.get_running_loop()
+            self._lease_timer = self._lease_loop.call_later(LEASE_S, self._end_leases)
+
+    async def top_up(
+        self, key: str, generation: str, delta: int, budget_nanos: int, *, shared: bool
+    ) -> bool:
+        if not shared:
+            return self.local.top_up(key, delta, budget_nanos)
+        lease = self._leases.get(key)
+        if lease is not None and lease.generation == generation and lease.left >= delta:
+            lease.left -= delta
+            return True
         if await self._redis_usable():
             try:
-                return await self.redis.admit(ask), True
+                return await self.redis.top_up(key, generation, delta, budget_nanos)
             except (RedisError, OSError) as error:
                 self._failed(error)
-        return self.local.admit(ask), False
-
-    async def top_up(self, key: str, delta: int, budget_nanos: int, *, shared: bool) -> bool:
-        if shared and await self._redis_usable():
-            try:
-                return await self.redis.top_up(key, delta, budget_nanos)
-            except (RedisError, OSError) as error:
-                self._failed(error)
-            self._pending[key] += delta
-            return True  # held in Redis, which cannot say more now; settled when it is back
-        if shared:
-            self._pending[key] += delta
-            return True
-        return self.local.top_up(key, delta, budget_nanos)
-
-    async def adjust(self, deltas: dict[str, int], *, shared: bool, spent: dict[str, int]) -> None:
-        """``queue_adjust``, returning once the settlements are sent (or kept for when Redis is
-        back)."""
-        batch = self.queue_adjust(deltas, shared=shared, spent=spent)
-        if batch is not None:
-            await asyncio.shield(batch)
+        self._pending[key, generation] += delta
+        return True  # held in Redis, which cannot say more now; settled when it is back
 
     def queue_adjust(
-        self, deltas: dict[str, int], *, shared: bool, spent: dict[str, int]
+        self, changes: list[tuple[str, str, int, int]], *, shared: bool
     ) -> asyncio.Future | None:
-        """Apply ``deltas`` where the reservation was made. ``spent`` is what the request really
-        cost per counter: when the request was counted locally while Redis was away, Redis gets
-        it too, so its counters include what was spent meanwhile.
+        """Settle ``changes``, each ``(counter, generation, delta, spent)``, where the
+        reservation was made. ``spent`` is what the request really cost on that counter: when
+        the request was counted locally while Redis was away, Redis gets it too, so its
+        counters include what was spent meanwhile.
 
-        Redis gets the settlements of ``SETTLE_BATCH_S`` together, summed per counter, in one
-        script: a round trip per request was a third of a limited request's CPU. Returns the
-        batch that will send them (None when there is nothing for Redis)."""
+        A delta comes out of (or goes back to) this process's lease on the counter when there
+        is one; the rest goes to Redis with the settlements of ``SETTLE_BATCH_S``, summed per
+        counter, in one script. Returns the batch that will send them (None when there is
+        nothing for Redis)."""
         if not shared:
-            self.local.adjust(deltas)
+            self.local.adjust({key: delta for key, _, delta, _ in changes})
             if self.redis is None:
                 return None
-            deltas = spent
-        for key, delta in deltas.items():
-            self._settling[key] += delta
+            changes = [(key, "", spent, spent) for key, _, _, spent in changes]
+        for key, generation, delta, spent in changes:
+            delta = self._absorb(key, generation, delta, spent)
+            if delta:
+                self._queue(key, generation, delta)
+        return self._settle_batch
+
+    def _absorb(self, key: str, generation: str, delta: int, spent: int) -> int:
+        """Settle ``delta`` out of this process's lease on the counter; returns what Redis must
+        still get. A request that used more than the lease has left uses the lease up: what
+        Redis counts is then all real, and the next admission asks it for room."""
+        lease = self._leases.get(key)
+        if lease is None or lease.generation != generation:
+            return delta
+        lease.per_request = spent
+        taken = delta if delta < lease.left else lease.left
+        lease.left -= taken
+        return delta - taken
+
+    def _queue(self, key: str, generation: str, delta: int) -> None:
+        self._settling[key, generation] += delta
         if self._settle_batch is None:
             batch = self._settle_batch = asyncio.ensure_future(self._send_settlements())
             self._sending.add(batch)
             batch.add_done_callback(self._sent)
-        return self._settle_batch
 
     def _sent(self, batch: asyncio.Future) -> None:
         self._sending.discard(batch)
@@ -325,7 +574,12 @@ class Counters:
             self._pending[key] += delta
 
     async def flush(self) -> None:
-        """Wait for the settlements queued so far to be sent (or kept for when Redis is back)."""
+        """Give the leases back and wait for them and the settlements queued so far to be sent
+        (or kept for when Redis is back)."""
+        if self._leases:
+            if self._lease_timer is not None:
+                self._lease_timer.cancel()
+            self._end_leases(every=True)
         while self._sending:
             await asyncio.wait(set(self._sending))
 
@@ -368,6 +622,9 @@ class Counters:
     def _failed(self, error: BaseException) -> None:
         self._retry_at = time.monotonic() + self.retry_s
         self._error = _describe(error)
+        for key, lease in self._leases.items():  # held in Redis: given back when it is back
+            self._pending[key, lease.generation] -= lease.left
+        self._leases.clear()
         if self._down_since is not None:
             return
         self._down_since = time.time()

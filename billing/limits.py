@@ -6,9 +6,10 @@ integers (nano-dollars for money). A budget counter holds what the key spent in 
 what requests in flight have reserved: a request is admitted while that total is below the budget
 and reserves its estimate; before an attempt at a dearer candidate the reservation grows to that
 candidate's estimate only if the total stays within the budget (``cover``); the request settles
-its real cost when it ends. So the total passes the budget by at most one request's reservation,
-however many run at once. A missing counter (first use, expired, Redis restarted) starts from the
-spend persisted on the key.
+its real cost when it ends. With Redis the total also holds what gateway processes have leased
+and not yet handed out (``billing.counters``), never more than the room left. So the total passes
+the budget by at most one request's reservation, however many run at once. A missing counter
+(first use, expired, Redis restarted) starts from the spend persisted on the key.
 """
 
 from __future__ import annotations
@@ -165,8 +166,10 @@ class Reservation:
     limits: KeyLimits
     shared: bool = False  # held in Redis rather than this process's counters
     budget_key: str | None = None
+    budget_generation: str = ""  # the incarnation of the Redis counter it is held in
     reserved_nanos: int = 0
     tokens_key: str | None = None
+    tokens_generation: str = ""
     reserved_tokens: int = 0
     settled: bool = False
 
@@ -212,21 +215,25 @@ async def admit(
             budget_ttl_s=0 if ends is None else int((ends - current).total_seconds()) + 3600,
         )
     ask = Admission(window_ttl_s=WINDOW_S * 2, **fields)
-    verdict, shared = await counters.admit(ask)
-    if verdict == NEEDS_SEED:
+    verdict = await counters.admit(ask)
+    if verdict.code == NEEDS_SEED:
         spent = await load_spent(limits.key_id, limits.budget_period, start)
-        verdict, shared = await counters.admit(replace(ask, seed_nanos=to_nanos(spent)))
-    if verdict == RPM_REFUSED:
+        verdict = await counters.admit(replace(ask, seed_nanos=to_nanos(spent)))
+    if verdict.code == RPM_REFUSED:
         raise _rate_limited(f"{limits.rpm_limit} requests per minute", retry_after)
-    if verdict == TPM_REFUSED:
+    if verdict.code == TPM_REFUSED:
         raise _rate_limited(f"{limits.tpm_limit} tokens per minute", retry_after)
-    if verdict == BUDGET_REFUSED:
+    if verdict.code == BUDGET_REFUSED:
         raise _budget_exceeded(limits, start)
-    reservation = Reservation(limits, shared=shared)
+    reservation = Reservation(limits, shared=verdict.shared)
     if ask.tpm_key:
-        reservation.tokens_key, reservation.reserved_tokens = ask.tpm_key, ask.tokens
+        reservation.tokens_key = ask.tpm_key
+        reservation.tokens_generation = verdict.tokens_generation
+        reservation.reserved_tokens = ask.tokens if verdict.tokens_reserved else 0
     if ask.budget_key:
-        reservation.budget_key, reservation.reserved_nanos = ask.budget_key, ask.reserve_nanos
+        reservation.budget_key = ask.budget_key
+        reservation.budget_generation = verdict.budget_generation
+        reservation.reserved_nanos = ask.reserve_nanos
     return reservation
 
 
@@ -240,7 +247,11 @@ async def cover(counters: Counters, reservation: Reservation, estimated_cost_usd
         return
     limits = reservation.limits
     if not await counters.top_up(
-        reservation.budget_key, delta, to_nanos(limits.budget_usd), shared=reservation.shared
+        reservation.budget_key,
+        reservation.budget_generation,
+        delta,
+        to_nanos(limits.budget_usd),
+        shared=reservation.shared,
     ):
         start = budget_period_start(limits.budget_period, timezone.now())
         raise _budget_exceeded(limits, start)
@@ -265,17 +276,29 @@ def settle_soon(
     if reservation.settled:
         return None
     reservation.settled = True
-    deltas: dict[str, int] = {}
-    spent: dict[str, int] = {}
+    changes = []  # (counter, generation, delta, spent)
     if reservation.budget_key is not None:
-        spent[reservation.budget_key] = to_nanos(cost_usd)
-        deltas[reservation.budget_key] = spent[reservation.budget_key] - reservation.reserved_nanos
+        spent = to_nanos(cost_usd)
+        changes.append(
+            (
+                reservation.budget_key,
+                reservation.budget_generation,
+                spent - reservation.reserved_nanos,
+                spent,
+            )
+        )
     if reservation.tokens_key is not None:
-        spent[reservation.tokens_key] = tokens
-        deltas[reservation.tokens_key] = tokens - reservation.reserved_tokens
-    if not deltas:
+        changes.append(
+            (
+                reservation.tokens_key,
+                reservation.tokens_generation,
+                tokens - reservation.reserved_tokens,
+                tokens,
+            )
+        )
+    if not changes:
         return None
-    return counters.queue_adjust(deltas, shared=reservation.shared, spent=spent)
+    return counters.queue_adjust(changes, shared=reservation.shared)
 
 
 async def release(counters: Counters, reservation: Reservation) -> None:

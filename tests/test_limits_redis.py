@@ -76,9 +76,10 @@ class OwnRedis:
             self.process.wait(10)
         self.process = None
 
-    def get(self, key: str) -> str:
+    def counter(self, key: str) -> str:
+        """A limit counter's value (the ``n`` of its hash; "" when there is none)."""
         result = subprocess.run(
-            ["redis-cli", "-p", str(self.port), "get", key], capture_output=True, text=True
+            ["redis-cli", "-p", str(self.port), "hget", key, "n"], capture_output=True, text=True
         )
         return result.stdout.strip()
 
@@ -139,7 +140,7 @@ def test_the_counters_live_in_redis(redis_gateway, own_redis):
     redis_gateway.flush_ledger()
     api_key = ApiKey.objects.get(name="limited")
     # 5 prompt tokens x 1 + 50 completion tokens x 2 USD per 1M = 0.000105 USD = 105,000 nano-USD
-    assert own_redis.get(f"keyaos:limits:budget:{api_key.pk}:all") == "105000"
+    assert own_redis.counter(f"keyaos:limits:budget:{api_key.pk}:all") == "105000"
     assert counter_state().backend == "redis"
 
 
@@ -157,7 +158,7 @@ def test_two_gateway_processes_share_budget_counters(own_redis):
         second = await admit(second_process, limits, estimated_cost_usd=Decimal("0.006"), **ask)
         with pytest.raises(LimitExceeded) as refused:
             await admit(first_process, limits, estimated_cost_usd=Decimal("0.001"), **ask)
-        assert own_redis.get("keyaos:limits:budget:42:all") == "12000000"  # nano-dollars
+        assert own_redis.counter("keyaos:limits:budget:42:all") == "12000000"  # nano-dollars
         await settle(second_process, second, cost_usd=Decimal("0.002"), tokens=10)
         await first_process.close()
         await second_process.close()
@@ -166,7 +167,7 @@ def test_two_gateway_processes_share_budget_counters(own_redis):
     refusal = asyncio.run(two_processes())
 
     assert refusal.code == "budget_exceeded"
-    assert own_redis.get("keyaos:limits:budget:42:all") == "8000000"
+    assert own_redis.counter("keyaos:limits:budget:42:all") == "8000000"
 
 
 async def _load(url: str, plain: str, until: float, workers: int) -> list[httpx.Response]:
@@ -256,10 +257,119 @@ def test_a_reservation_grows_to_a_dearer_attempt_only_while_it_fits(own_redis, s
         await counters.close()
         return refused.value, reserved, total
 
-    refusal, reserved, (verdict, _) = asyncio.run(failover())
+    refusal, reserved, total = asyncio.run(failover())
 
     assert refusal.code == "budget_exceeded"
     assert reserved == (3_000_000, 1_000_000)
-    assert verdict == BUDGET_REFUSED  # the counter still exists, at 0.004 + 0.0025
+    assert total.code == BUDGET_REFUSED  # the counter still exists, at 0.004 + 0.0025
     if store == "redis":
-        assert own_redis.get("keyaos:limits:budget:7:all") == "6500000"
+        assert own_redis.counter("keyaos:limits:budget:7:all") == "6500000"
+
+
+def _script_calls(port: int) -> int:
+    stats = subprocess.run(
+        ["redis-cli", "-p", str(port), "info", "commandstats"], capture_output=True, text=True
+    ).stdout
+    return sum(
+        int(line.split("calls=")[1].split(",")[0])
+        for line in stats.splitlines()
+        if line.startswith(("cmdstat_evalsha:", "cmdstat_eval:"))
+    )
+
+
+async def _nothing_spent(*_args):
+    return Decimal("0")
+
+
+def test_most_admissions_come_from_a_lease_and_what_is_left_goes_back(own_redis):
+    limits = KeyLimits(key_id=3, budget_usd=Decimal("10"), rpm_limit=100_000, tpm_limit=10**9)
+    ask = {"estimated_tokens": 20, "load_spent": _nothing_spent}
+
+    async def hundred_requests():
+        counters = Counters(own_redis.url)
+        before = _script_calls(own_redis.port)
+        for _ in range(100):
+            reservation = await admit(counters, limits, estimated_cost_usd=Decimal("0.001"), **ask)
+            await settle(counters, reservation, cost_usd=Decimal("0.0004"), tokens=30)
+        calls = _script_calls(own_redis.port) - before
+        held = counters.leased("budget:3:all")
+        while_leased = own_redis.counter("keyaos:limits:budget:3:all")
+        await counters.close()  # gives the leases back
+        return calls, held, while_leased
+
+    calls, held, while_leased = asyncio.run(hundred_requests())
+
+    assert calls <= 10, calls  # admissions and settlements, against 200 without leases
+    assert held > 0
+    assert int(while_leased) == 100 * 400_000 + held  # a lease is counted in Redis meanwhile
+    assert own_redis.counter("keyaos:limits:budget:3:all") == str(100 * 400_000)
+    assert own_redis.counter(f"keyaos:limits:tpm:3:{int(time.time()) // 60}") in ("3000", "")
+
+
+def test_processes_admitting_at_once_never_pass_the_budget_by_more_than_one_request(own_redis):
+    """Three processes, 300 requests in flight at once with reservations of 1 to 9 units and
+    answers that cost what was reserved: admitted spend stays within budget + one reservation,
+    and Redis ends at exactly what was spent."""
+    budget_units, unit = 400, Decimal("0.00001")
+    limits = KeyLimits(key_id=5, budget_usd=budget_units * unit)
+
+    async def crowd():
+        processes = [Counters(own_redis.url) for _ in range(3)]
+
+        async def one_request(number: int) -> int:
+            counters = processes[number % 3]
+            cost = unit * (1 + number % 9)
+            try:
+                reservation = await admit(
+                    counters,
+                    limits,
+                    estimated_cost_usd=cost,
+                    estimated_tokens=1,
+                    load_spent=_nothing_spent,
+                )
+            except LimitExceeded:
+                return 0
+            await asyncio.sleep(0.001 * (number % 7))
+            await settle(counters, reservation, cost_usd=cost, tokens=1)
+            return 1 + number % 9
+
+        spent = []
+        for _ in range(3):  # waves: later ones meet leases and settled room
+            spent += await asyncio.gather(*(one_request(n) for n in range(300)))
+        for counters in processes:
+            await counters.close()
+        return sum(spent)
+
+    spent_units = asyncio.run(crowd())
+
+    assert budget_units - 9 <= spent_units <= budget_units + 9
+    assert own_redis.counter("keyaos:limits:budget:5:all") == str(spent_units * 10_000)
+
+
+def test_a_lease_from_before_redis_restarted_is_not_given_back_to_the_new_counter(own_redis):
+    limits = KeyLimits(key_id=9, budget_usd=Decimal("10"))
+    ask = {"estimated_tokens": 1, "load_spent": _nothing_spent}
+
+    async def restart_midway():
+        counters = Counters(own_redis.url, retry_s=0)
+        first = await admit(counters, limits, estimated_cost_usd=Decimal("0.01"), **ask)
+        held = counters.leased("budget:9:all")
+        await asyncio.to_thread(own_redis.stop)
+        await asyncio.to_thread(own_redis.start)
+
+        async def spent_before(*_args):
+            return Decimal("1")  # what the ledger had persisted by then
+
+        other = Counters(own_redis.url)
+        ask["load_spent"] = spent_before
+        second = await admit(other, limits, estimated_cost_usd=Decimal("0.02"), **ask)
+        await settle(counters, first, cost_usd=Decimal("0.005"), tokens=1)
+        await counters.close()  # its lease and settlement belong to the counter Redis lost
+        await settle(other, second, cost_usd=Decimal("0.02"), tokens=1)
+        await other.close()
+        return held
+
+    held = asyncio.run(restart_midway())
+
+    assert held > 0
+    assert own_redis.counter("keyaos:limits:budget:9:all") == str(1_020_000_000)
