@@ -375,7 +375,8 @@ class Counters:
                 code = verdict.code
                 return verdict
             finally:
-                del self._refills[counters]
+                if self._refills.get(counters) is refill:
+                    del self._refills[counters]
                 refill.set_result(code)
         return Verdict(self.local.admit(ask))
 
