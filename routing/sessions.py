@@ -8,8 +8,9 @@ session remembers its key, when, and how many prompt tokens it sent: in this pro
 Redis when ``REDIS_URL`` is set (redis-py's asyncio client: no thread hop), so every gateway
 process routes a conversation's next turn with the same knowledge. Redis is written after the
 response (for a session its key served again, only once a tenth of the cache lifetime has passed
-since the last write) and read only when this process has not seen the session; while it cannot
-be reached, sessions are this process's alone (one warning in the log).
+since the last write) and read only when this process has not seen the session; the reads (and
+the writes) waiting at one moment go together in one MGET (one pipeline), one at a time. While
+Redis cannot be reached, sessions are this process's alone (one warning in the log).
 """
 
 from __future__ import annotations
@@ -122,6 +123,11 @@ class SessionMemory:
         self.timeout_s = timeout_s
         self._redis = aioredis.from_url(redis_url) if redis_url else None
         self._failing_since: float | None = None
+        self._reads: dict[str, asyncio.Future] = {}  # sessions for the next MGET
+        self._reading: asyncio.Future | None = None
+        self._writes: dict[str, SessionState] = {}  # sessions for the next write pipeline
+        self._written: asyncio.Future | None = None  # done once that pipeline is sent
+        self._writing: asyncio.Future | None = None
 
     def get_local(self, session: str) -> SessionState | None:
         return self.local.get(session)
@@ -130,16 +136,47 @@ class SessionMemory:
         state = self.local.get(session)
         if state is not None or not self._redis_usable():
             return state
+        read = self._reads.get(session)
+        if read is None:
+            read = self._reads[session] = asyncio.get_running_loop().create_future()
+            if self._reading is None:
+                self._reading = asyncio.ensure_future(self._read_batches())
+        return await asyncio.shield(read)
+
+    async def _read_batches(self) -> None:
+        """Read the sessions asked for meanwhile with one MGET, one MGET at a time.
+
+        Concurrent commands each wait for redis-py's connection pool, which hands out one
+        connection per turn of the event loop: fifty new sessions on a loaded gateway waited
+        past the timeout, and sessions fell back to this process."""
+        reads: dict[str, asyncio.Future] = {}
         try:
-            raw = await asyncio.wait_for(self._redis.get(KEY_PREFIX + session), self.timeout_s)
+            while self._reads:
+                reads, self._reads = self._reads, {}
+                raws = await self._read(list(reads))
+                for (session, read), raw in zip(reads.items(), raws, strict=True):
+                    state = SessionState.loads(raw) if raw is not None else None
+                    if state is not None and session not in self.local:
+                        self._keep(session, state)
+                    read.set_result(self.local.get(session, state))
+        finally:
+            self._reading = None
+            for read in [*reads.values(), *self._reads.values()]:
+                if not read.done():
+                    read.set_result(None)
+
+    async def _read(self, sessions: list[str]) -> list:
+        if not self._redis_usable():
+            return [None] * len(sessions)
+        try:
+            raws = await asyncio.wait_for(
+                self._redis.mget([KEY_PREFIX + session for session in sessions]), self.timeout_s
+            )
         except (RedisError, OSError, TimeoutError) as error:
             self._failed(error)
-            return None
+            return [None] * len(sessions)
         self._failing_since = None
-        state = SessionState.loads(raw) if raw is not None else None
-        if state is not None:
-            self._keep(session, state)
-        return state
+        return raws
 
     def remember(self, session: str, state: SessionState):
         """Keep ``state`` here now; returns the Redis write to run after the response, if any:
@@ -159,18 +196,51 @@ class SessionMemory:
         )
 
     async def _share(self, session: str, state: SessionState) -> None:
+        """Write ``state`` with the other sessions to write now, in one pipeline (see
+        ``_read_batches``); returns once that pipeline has been sent or has failed."""
+        self._writes[session] = state
+        if self._written is None:
+            self._written = asyncio.get_running_loop().create_future()
+        written = self._written
+        if self._writing is None:
+            self._writing = asyncio.ensure_future(self._write_batches())
+        await asyncio.shield(written)
+
+    async def _write_batches(self) -> None:
+        written = None
         try:
-            await asyncio.wait_for(
-                self._redis.set(
-                    KEY_PREFIX + session, state.dumps(), ex=max(int(state.ttl_s) + 1, 1)
-                ),
-                self.timeout_s,
-            )
+            while self._writes:
+                writes, self._writes = self._writes, {}
+                written, self._written = self._written, None
+                await self._write(writes)
+                written.set_result(None)
+        finally:
+            self._writing = None
+            for waiting in (written, self._written):
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(None)
+
+    async def _write(self, writes: dict[str, SessionState]) -> None:
+        if not self._redis_usable():
+            self._unshare(writes)
+            return
+        pipeline = self._redis.pipeline(transaction=False)
+        for session, state in writes.items():
+            ttl_s = max(int(state.ttl_s) + 1, 1)
+            pipeline.set(KEY_PREFIX + session, state.dumps(), ex=ttl_s)
+        try:
+            await asyncio.wait_for(pipeline.execute(), self.timeout_s)
         except (RedisError, OSError, TimeoutError) as error:
-            self.shared.pop(session, None)
+            self._unshare(writes)
             self._failed(error)
         else:
             self._failing_since = None
+
+    def _unshare(self, writes: dict[str, SessionState]) -> None:
+        """Forget that Redis was told what it could not be."""
+        for session, state in writes.items():
+            if self.shared.get(session) is state:
+                del self.shared[session]
 
     def _keep(self, session: str, state: SessionState) -> None:
         self.local[session] = state

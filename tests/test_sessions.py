@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 import uuid
 
 import pytest
@@ -133,3 +135,41 @@ def test_an_unreachable_redis_leaves_sessions_in_the_process(caplog):
     asyncio.run(scenario())
     warnings = [r for r in caplog.records if "Redis unreachable" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_fifty_new_sessions_at_once_on_a_busy_event_loop_reach_redis_within_the_timeout(
+    shared, caplog
+):
+    """Each event-loop turn takes 20 ms (a loaded gateway): fifty concurrent commands would wait
+    for redis-py's connection pool one turn each, past the 0.2 s timeout, and the sessions would
+    fall back to this process. One read and one write for all of them stay well inside it."""
+    names = [f"test-{uuid.uuid4().hex}" for _ in range(50)]
+
+    async def busy_loop(until: float) -> None:
+        while time.monotonic() < until:
+            time.sleep(0.02)
+            await asyncio.sleep(0)
+
+    async def scenario():
+        memory = SessionMemory(REDIS_URL, timeout_s=0.2)
+        busy = asyncio.create_task(busy_loop(time.monotonic() + 3))
+        try:
+            await asyncio.sleep(0)
+            found = await asyncio.gather(*(memory.get(name) for name in names))
+            writes = [memory.remember(name, STATE) for name in names]
+            await asyncio.gather(*(write for write in writes if write is not None))
+            return found
+        finally:
+            busy.cancel()
+            await memory.close()
+
+    with caplog.at_level(logging.WARNING, logger="keyaos.sessions"):
+        try:
+            found = asyncio.run(scenario())
+            stored = [SessionState.loads(raw) for raw in shared.mget(KEY_PREFIX + n for n in names)]
+        finally:
+            shared.delete(*(KEY_PREFIX + name for name in names))
+
+    assert found == [None] * 50
+    assert stored == [STATE] * 50
+    assert not [r for r in caplog.records if "Redis unreachable" in r.getMessage()]
