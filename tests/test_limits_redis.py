@@ -377,3 +377,42 @@ def test_a_lease_from_before_redis_restarted_is_not_given_back_to_the_new_counte
 
     assert held > 0
     assert own_redis.counter("keyaos:limits:budget:9:all") == str(1_020_000_000)
+
+
+def test_a_redis_that_stops_answering_and_comes_back_ends_at_exactly_what_was_spent(own_redis):
+    """Leases held when Redis stops answering (paused, its data kept), requests counted locally
+    meanwhile, and requests after it is back: the counter ends at the spend of all of them."""
+    limits = KeyLimits(key_id=11, budget_usd=Decimal("10"), rpm_limit=100_000)
+    ask = {"estimated_tokens": 10, "load_spent": _nothing_spent}
+
+    async def requests(counters: Counters, count: int, *, until_local: bool = False) -> list:
+        shared = []
+        for _ in range(count):
+            reservation = await admit(counters, limits, estimated_cost_usd=Decimal("0.001"), **ask)
+            await settle(counters, reservation, cost_usd=Decimal("0.0003"), tokens=10)
+            shared.append(reservation.shared)
+            if until_local and not reservation.shared:
+                break
+        return shared
+
+    async def outage():
+        counters = Counters(own_redis.url, timeout_s=0.2, retry_s=0.3)
+        before = await requests(counters, 20)
+        held = counters.leased("budget:11:all")
+        subprocess.run(["redis-cli", "-p", str(own_redis.port), "client", "pause", "1500"])
+        # the leases serve on; the first request they cannot hold falls back to this process
+        during = await requests(counters, 10_000, until_local=True)
+        during += await requests(counters, 20)
+        await asyncio.sleep(2)
+        after = await requests(counters, 20)
+        state = counters.state()
+        await counters.close()
+        return before, held, during, after, state
+
+    before, held, during, after, state = asyncio.run(outage())
+
+    assert all(before) and held > 0
+    assert not any(during[-21:])  # counted here meanwhile
+    assert after[-1] and state.backend == "redis"
+    total = len(before) + len(during) + len(after)
+    assert own_redis.counter("keyaos:limits:budget:11:all") == str(total * 300_000)
