@@ -141,8 +141,13 @@ class LocalCounters:
 _OPEN = """
 local fresh
 local function open(key, initial, ttl)
-  local item = redis.call('HMGET', key, 'n', 'g')
-  if item[1] then return tonumber(item[1]), item[2] end
+  if redis.call('TYPE', key).ok == 'string' then  -- a counter written before generations
+    initial, ttl = redis.call('GET', key), redis.call('TTL', key)
+    redis.call('DEL', key)
+  else
+    local item = redis.call('HMGET', key, 'n', 'g')
+    if item[1] then return tonumber(item[1]), item[2] end
+  end
   if not fresh then
     local now = redis.call('TIME')
     fresh = now[1] .. '.' .. now[2]
@@ -196,6 +201,7 @@ return answer
 )
 
 _TOP_UP = """
+if redis.call('TYPE', KEYS[1]).ok ~= 'hash' then return 1 end
 local item = redis.call('HMGET', KEYS[1], 'n', 'g')
 if not item[1] or item[2] ~= ARGV[3] then return 1 end
 if tonumber(item[1]) + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return 0 end
@@ -205,7 +211,7 @@ return 1
 
 _ADJUST = """
 for i, key in ipairs(KEYS) do
-  local gen = redis.call('HGET', key, 'g')
+  local gen = redis.call('TYPE', key).ok == 'hash' and redis.call('HGET', key, 'g')
   if gen and (ARGV[2 * i] == '' or ARGV[2 * i] == gen) then
     redis.call('HINCRBY', key, 'n', ARGV[2 * i - 1])
   end

@@ -416,3 +416,30 @@ def test_a_redis_that_stops_answering_and_comes_back_ends_at_exactly_what_was_sp
     assert after[-1] and state.backend == "redis"
     total = len(before) + len(during) + len(after)
     assert own_redis.counter("keyaos:limits:budget:11:all") == str(total * 300_000)
+
+
+def test_a_counter_written_before_generations_is_carried_over_with_its_value_and_expiry(own_redis):
+    key = "keyaos:limits:budget:13:all"
+    cli = ["redis-cli", "-p", str(own_redis.port)]
+    subprocess.run([*cli, "set", key, "4000000", "ex", "5000"], capture_output=True)
+    limits = KeyLimits(key_id=13, budget_usd=Decimal("0.01"))
+
+    async def one_request():
+        counters = Counters(own_redis.url)
+        reservation = await admit(
+            counters,
+            limits,
+            estimated_cost_usd=Decimal("0.001"),
+            estimated_tokens=1,
+            load_spent=_nothing_spent,  # not asked: the counter exists
+        )
+        await settle(counters, reservation, cost_usd=Decimal("0.0005"), tokens=1)
+        await counters.close()
+        return reservation
+
+    reservation = asyncio.run(one_request())
+
+    assert reservation.shared and reservation.budget_generation
+    assert own_redis.counter(key) == "4500000"
+    ttl = subprocess.run([*cli, "ttl", key], capture_output=True, text=True).stdout
+    assert 4900 < int(ttl) <= 5000
