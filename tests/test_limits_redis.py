@@ -281,6 +281,19 @@ async def _nothing_spent(*_args):
     return Decimal("0")
 
 
+async def _served(counters: Counters, limits: KeyLimits, *, cost_usd: Decimal):
+    """One request estimated at 0.001 USD, admitted and settled at ``cost_usd``."""
+    reservation = await admit(
+        counters,
+        limits,
+        estimated_cost_usd=Decimal("0.001"),
+        estimated_tokens=1,
+        load_spent=_nothing_spent,
+    )
+    await settle(counters, reservation, cost_usd=cost_usd, tokens=1)
+    return reservation
+
+
 def test_most_admissions_come_from_a_lease_and_what_is_left_goes_back(own_redis):
     limits = KeyLimits(key_id=3, budget_usd=Decimal("10"), rpm_limit=100_000, tpm_limit=10**9)
     ask = {"estimated_tokens": 20, "load_spent": _nothing_spent}
@@ -426,14 +439,7 @@ def test_a_counter_written_before_generations_is_carried_over_with_its_value_and
 
     async def one_request():
         counters = Counters(own_redis.url)
-        reservation = await admit(
-            counters,
-            limits,
-            estimated_cost_usd=Decimal("0.001"),
-            estimated_tokens=1,
-            load_spent=_nothing_spent,  # not asked: the counter exists
-        )
-        await settle(counters, reservation, cost_usd=Decimal("0.0005"), tokens=1)
+        reservation = await _served(counters, limits, cost_usd=Decimal("0.0005"))
         await counters.close()
         return reservation
 
@@ -443,3 +449,23 @@ def test_a_counter_written_before_generations_is_carried_over_with_its_value_and
     assert own_redis.counter(key) == "4500000"
     ttl = subprocess.run([*cli, "ttl", key], capture_output=True, text=True).stdout
     assert 4900 < int(ttl) <= 5000
+
+
+def test_what_is_left_of_a_lease_goes_back_to_redis_within_two_seconds(own_redis):
+    limits = KeyLimits(key_id=15, budget_usd=Decimal("10"))
+
+    async def one_request_then_wait():
+        counters = Counters(own_redis.url)
+        await _served(counters, limits, cost_usd=Decimal("0.0004"))
+        held = counters.leased("budget:15:all")
+        while_held = own_redis.counter("keyaos:limits:budget:15:all")
+        await asyncio.sleep(2.1)
+        after = own_redis.counter("keyaos:limits:budget:15:all")
+        left = counters.leased("budget:15:all")
+        await counters.close()
+        return held, while_held, after, left
+
+    held, while_held, after, left = asyncio.run(one_request_then_wait())
+
+    assert held > 0 and int(while_held) == 400_000 + held
+    assert (after, left) == ("400000", 0)  # given back without a close
