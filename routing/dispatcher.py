@@ -59,6 +59,9 @@ class ProviderPreferences:
         return bool(self.only or self.ignore)
 
 
+NO_PREFERENCES = ProviderPreferences()
+
+
 class InFlight:
     """The estimated cost of each key's requests in flight in this process, in the provider's
     currency: a key whose known balance would not cover them and one more is not a candidate."""
@@ -77,8 +80,11 @@ class InFlight:
             self.reserved.pop(key_id, None)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Candidate:
+    """One offer and key to try, ranked. Not frozen: a frozen dataclass's ``__init__`` sets each
+    field through ``object.__setattr__``, and a decision builds several on every request."""
+
     offer: OfferInfo
     key: KeyInfo
     estimated_cost_usd: Decimal  # expected: the key's multiplier and the prompt cache included
@@ -128,7 +134,7 @@ class Refusal:
     retry_after_s: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Decision:
     model: str
     candidates: list[Candidate]
@@ -194,7 +200,7 @@ def rank_candidates(
     (and their rate limits); a provider named in ``preferences.order`` comes first, in that order.
     """
     now = time.time() if now is None else now
-    preferences = preferences or ProviderPreferences()
+    preferences = preferences or NO_PREFERENCES
     reserved = in_flight.reserved if in_flight is not None else {}
     full = limit is None
     excluded: list[Exclusion] = []
