@@ -16,6 +16,8 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from billing.models import (
+    USAGE_GROUP,
+    USAGE_SUMS,
     ApiKey,
     Attempt,
     CurrencyRate,
@@ -66,17 +68,7 @@ class CurrencyRateAdmin(admin.ModelAdmin):
 class ApiKeyForm(forms.ModelForm):
     class Meta:
         model = ApiKey
-        fields = (
-            "name",
-            "enabled",
-            "expires_at",
-            "budget_usd",
-            "budget_period",
-            "allowed_models",
-            "allowed_ips",
-            "rpm_limit",
-            "tpm_limit",
-        )
+        fields = ("name", "enabled", *LIMIT_FIELDS)
 
     def clean(self) -> dict:
         cleaned = super().clean()
@@ -514,20 +506,7 @@ def _csv_lines(rows) -> Iterator[str]:
 
 @admin.register(DailyUsage)
 class DailyUsageAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = (
-        "day",
-        "api_key",
-        "provider",
-        "upstream_key",
-        "requested_model",
-        "requests",
-        "errors",
-        "client_errors",
-        "prompt_tokens",
-        "completion_tokens",
-        "cost_usd",
-        "list_cost_usd",
-    )
+    list_display = (*USAGE_GROUP, *USAGE_SUMS)
     list_filter = ("day", "provider", "api_key")
     list_select_related = ("api_key", "provider", "upstream_key__provider")
     date_hierarchy = "day"

@@ -22,14 +22,15 @@ from billing.models import ApiKey
 MAX_BUDGET_USD = Decimal(10) ** 16
 MAX_PER_MINUTE = 2_147_483_647
 LIMIT_FIELDS = (
+    "expires_at",
     "budget_usd",
     "budget_period",
     "allowed_models",
     "allowed_ips",
     "rpm_limit",
     "tpm_limit",
-    "expires_at",
 )
+"""What a client key may be limited by, in the order the admin's form shows them."""
 
 
 def validate_limits(
