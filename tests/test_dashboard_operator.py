@@ -146,20 +146,10 @@ def test_the_task_queue_is_not_in_the_dashboards_lists(admin_client, traffic):
 def test_the_ledger_writers_backlog_and_dead_letters_show_when_the_spool_reports_them(
     admin_client, traffic, monkeypatch
 ):
-    import sys
-    import types
-    from dataclasses import dataclass
+    from billing import spool
 
-    @dataclass(frozen=True)
-    class LedgerBacklog:
-        records: int
-        oldest_age_s: float | None
-        dead_letters: int
-        directory: str
-
-    spool = types.ModuleType("billing.spool")
-    spool.ledger_backlog = lambda: LedgerBacklog(12, 3.4, 2, "/var/spool/keyaos")
-    monkeypatch.setitem(sys.modules, "billing.spool", spool)
+    backlog = spool.LedgerBacklog(12, 3.4, 2, "/var/spool/keyaos")
+    monkeypatch.setattr(spool, "ledger_backlog", lambda: backlog)
     html = admin_client.get(reverse("admin:index")).content.decode()
     assert "12 records wait in the spool, the oldest for 3 s." in html
     assert "2 records the database refused" in html

@@ -20,6 +20,7 @@ from django.conf import settings
 from django.urls import reverse
 from django.utils import timezone
 
+from billing import spool
 from billing.costs import MILLION
 from billing.currency import UnknownCurrency, load_rates, to_usd
 from billing.models import ApiKey, LedgerEntry
@@ -100,7 +101,6 @@ class OfferPrices:
     canonical_ids: set[str] = field(default_factory=set)
     native_by_provider: dict[tuple[str, str], str] = field(default_factory=dict)
     unpriced: dict[str, list[str]] = field(default_factory=dict)
-    backlog: object | None = None
 
     def canonical(self, model: str, provider: str | None = None) -> str | None:
         """The canonical model a requested id was served as; None when no offer knows it."""
@@ -421,16 +421,6 @@ def last_refresh() -> LastRefresh | None:
     return LastRefresh(run, list(run.results.exclude(error="").order_by("provider_slug")))
 
 
-def ledger_backlog():
-    """The ledger spool's backlog and dead letters (``billing.spool.ledger_backlog``), or None
-    while this build has no spool."""
-    try:
-        from billing.spool import ledger_backlog as read_backlog
-    except ImportError:
-        return None
-    return read_backlog()
-
-
 @dataclass
 class Dashboard:
     now: datetime
@@ -445,7 +435,7 @@ class Dashboard:
     upstream_key_spend: list[KeySpend] = field(default_factory=list)
     latency: list[Latency] = field(default_factory=list)
     unpriced: dict[str, list[str]] = field(default_factory=dict)
-    backlog: object | None = None
+    backlog: spool.LedgerBacklog | None = None
 
     @property
     def keys_needing_attention(self) -> list[KeyStatus]:
@@ -486,5 +476,5 @@ def build_dashboard(now: datetime | None = None) -> Dashboard:
         upstream_key_spend=key_spend(top_keys(groups, "upstream_key_id"), upstream_names),
         latency=latency_by_provider(now),
         unpriced={slug: ids[:UNPRICED_LISTED] for slug, ids in prices.unpriced.items()},
-        backlog=ledger_backlog(),
+        backlog=spool.ledger_backlog(),
     )
