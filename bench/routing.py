@@ -135,9 +135,9 @@ def measure(offers: int, keys: int, decisions: int) -> dict:
     snapshot.key_groups  # noqa: B018  (built once per snapshot, as in the gateway)
     snapshot.key_by_id  # noqa: B018
     snapshot.bare_ids  # noqa: B018
-    gc.freeze()  # as the gateway does once its snapshot is loaded
-    for model, prompt, output, session in built[: min(500, decisions)]:  # warm up
-        rank_candidates(
+
+    def decide(model: str, prompt: int, output: int, session):
+        return rank_candidates(
             snapshot,
             resolve_model(snapshot, model),
             board=board,
@@ -148,23 +148,17 @@ def measure(offers: int, keys: int, decisions: int) -> dict:
             in_flight=in_flight,
             limit=limit,
         )
+
+    gc.freeze()  # as the gateway does once its snapshot is loaded
+    for request in built[: min(500, decisions)]:  # warm up
+        decide(*request)
     timings = []
     found = 0
     clock = time.perf_counter_ns
     cpu_started = time.process_time_ns()
-    for model, prompt, output, session in built:
+    for request in built:
         started = clock()
-        decision = rank_candidates(
-            snapshot,
-            resolve_model(snapshot, model),
-            board=board,
-            prompt_tokens=prompt,
-            output_tokens=output,
-            kind="chat",
-            session=session,
-            in_flight=in_flight,
-            limit=limit,
-        )
+        decision = decide(*request)
         timings.append(clock() - started)
         found += bool(decision.candidates)
     cpu_us = (time.process_time_ns() - cpu_started) / 1000 / decisions
