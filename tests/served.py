@@ -25,6 +25,20 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 60
 
 
+def manage_process(args: list[str], env: dict[str, str], output=subprocess.DEVNULL):
+    """``manage.py ARGS`` in a session of its own (``session_processes`` finds its tree), its
+    output to ``output``."""
+    return subprocess.Popen(
+        [sys.executable, "manage.py", *args],
+        cwd=BASE_DIR,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
 def database_url() -> str:
     """A ``DATABASE_URL`` naming the database this test process uses (its test database)."""
     db = connection.settings_dict
@@ -60,15 +74,7 @@ class Served:
             **environ,
         }
         with log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "manage.py", "serve", "--port", str(self.port), *args],
-                cwd=BASE_DIR,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            self.process = manage_process(["serve", "--port", str(self.port), *args], env, log)
 
     @property
     def url(self) -> str:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from keyaos.management.commands.serve import proxy_header_options
-from tests.served import session_processes
+from tests.served import manage_process, session_processes
 from tests.test_make_run import BASE_DIR, embedded_environment, free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -46,14 +46,8 @@ def state(tmp_path_factory):
 @contextlib.contextmanager
 def serving(state_dir, **extra: str):
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "manage.py", "serve", "--no-qcluster"],
-        cwd=BASE_DIR,
-        env=embedded_environment(state_dir, PORT=str(port), **extra),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    process = manage_process(
+        ["serve", "--no-qcluster"], embedded_environment(state_dir, PORT=str(port), **extra)
     )
     try:
         assert wait_until(lambda: _up(port), 60)

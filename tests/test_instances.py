@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -27,7 +25,7 @@ from providers.models import ModelOffer, RefreshRun
 from tests.factories import make_client_key, make_key, make_offer, make_provider
 from tests.fake_upstream import Reply
 from tests.payloads import chat_completion
-from tests.served import BASE_DIR, Served, database_url, session_processes
+from tests.served import Served, database_url, manage_process, session_processes
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
 MODEL = "openai/gpt-4o-mini"
@@ -247,17 +245,7 @@ def test_two_task_clusters_on_redis_run_the_scheduled_refresh_once_per_interval(
     try:
         for n in (1, 2):
             with (tmp_path / f"cluster-{n}.log").open("wb") as log:
-                clusters.append(
-                    subprocess.Popen(
-                        [sys.executable, "manage.py", "qcluster"],
-                        cwd=BASE_DIR,
-                        env=env,
-                        stdin=subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
+                clusters.append(manage_process(["qcluster"], env, log))
         # Each cluster's scheduler wakes about every 30 s: after the first run, give both a turn.
         logs = tmp_path / "cluster-1.log"
         assert wait_for(lambda: RefreshRun.objects.exists(), 90), logs.read_text()
