@@ -1,3 +1,13 @@
+"""The wave's ledger fields in one migration: one daily usage row per group (0004), client
+errors in the rollups (0005) and the expected prompt-cache saving (0006).
+
+Every landed build had either none of 0004-0006 applied or all of them, so ``replaces`` is all
+an existing database needs: Django records this migration as applied where the three are, and
+runs it where none is.
+"""
+
+from decimal import Decimal
+
 import django.db.models.functions.comparison
 from django.db import migrations, models
 from django.db.models import Count, Min
@@ -25,7 +35,19 @@ def merge_duplicate_groups(apps, schema_editor):
         kept.save()
 
 
+def key_or_zero(name):
+    return django.db.models.functions.comparison.Coalesce(
+        name, models.Value(0), output_field=models.BigIntegerField()
+    )
+
+
 class Migration(migrations.Migration):
+    replaces = [
+        ("billing", "0004_daily_usage_one_row_per_group"),
+        ("billing", "0005_daily_usage_client_errors"),
+        ("billing", "0006_ledger_expected_cache_saving"),
+    ]
+
     dependencies = [
         ("billing", "0003_limits_rollups_and_readings"),
         ("providers", "0004_provider_read_timeout_default"),
@@ -37,17 +59,28 @@ class Migration(migrations.Migration):
             model_name="dailyusage",
             constraint=models.UniqueConstraint(
                 models.F("day"),
-                django.db.models.functions.comparison.Coalesce(
-                    "api_key", models.Value(0), output_field=models.BigIntegerField()
-                ),
-                django.db.models.functions.comparison.Coalesce(
-                    "provider", models.Value(0), output_field=models.BigIntegerField()
-                ),
-                django.db.models.functions.comparison.Coalesce(
-                    "upstream_key", models.Value(0), output_field=models.BigIntegerField()
-                ),
+                key_or_zero("api_key"),
+                key_or_zero("provider"),
+                key_or_zero("upstream_key"),
                 models.F("requested_model"),
                 name="one_daily_usage_per_group",
+            ),
+        ),
+        migrations.AddField(
+            model_name="dailyusage",
+            name="client_errors",
+            field=models.PositiveIntegerField(
+                default=0, help_text="Errors of the client's making: client errors and disconnects."
+            ),
+        ),
+        migrations.AddField(
+            model_name="ledgerentry",
+            name="expected_cache_saving_usd",
+            field=models.DecimalField(
+                decimal_places=12,
+                default=Decimal("0"),
+                help_text="What routing expected the prompt cache to save on this request (USD).",
+                max_digits=28,
             ),
         ),
     ]
