@@ -320,6 +320,8 @@ def test_the_dashboard_and_a_model_page_render_in_a_real_browser(
         "return getComputedStyle(document.querySelector('.kd-layout')).display"
     )
     assert stylesheet_loaded == "grid"
+    light_bar = browser.find_element(By.CSS_SELECTOR, "svg.kc-chart rect.kc-s1")
+    assert light_bar.value_of_css_property("fill") == "rgb(213, 94, 0)"
     light = screenshot(browser, tmp_path / "dashboard-light.png")
 
     set_colour_scheme(browser, "dark")
