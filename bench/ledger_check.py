@@ -22,9 +22,19 @@ def _money(value) -> str | None:
     return None if value is None else str(Decimal(value).quantize(Decimal("1e-12")))
 
 
+def _ledger_sums(key: str, amount: str) -> dict[str, str | None]:
+    """The ledger's ``amount`` summed per ``key`` (rows without one left out)."""
+    from django.db.models import Sum
+
+    from billing.models import LedgerEntry
+
+    rows = LedgerEntry.objects.values_list(key).annotate(total=Sum(amount)).order_by(key)
+    return {str(value): _money(total) for value, total in rows if value is not None}
+
+
 def check(ids_file: str | None, sent: int) -> dict:
     from django.db import connection
-    from django.db.models import Count, Sum
+    from django.db.models import Count
 
     from billing.models import ApiKey, LedgerEntry
     from providers.models import UpstreamKey
@@ -50,24 +60,12 @@ def check(ids_file: str | None, sent: int) -> dict:
         "rows_without_answered_id": len(distinct - answered) if answered else None,
         "outcomes": outcomes,
         "database": connection.vendor,
-        "cost_by_upstream_key": {
-            str(key): _money(total)
-            for key, total in LedgerEntry.objects.values_list("upstream_key")
-            .annotate(total=Sum("cost"))
-            .order_by("upstream_key")
-            if key is not None
-        },
+        "cost_by_upstream_key": _ledger_sums("upstream_key", "cost"),
         "balance_by_upstream_key": {
             str(key): _money(balance)
             for key, balance in UpstreamKey.objects.values_list("pk", "balance")
         },
-        "cost_usd_by_client_key": {
-            str(key): _money(total)
-            for key, total in LedgerEntry.objects.values_list("api_key")
-            .annotate(total=Sum("cost_usd"))
-            .order_by("api_key")
-            if key is not None
-        },
+        "cost_usd_by_client_key": _ledger_sums("api_key", "cost_usd"),
         "spent_usd_by_client_key": {
             str(key): _money(spent) for key, spent in ApiKey.objects.values_list("pk", "spent_usd")
         },
