@@ -8,6 +8,8 @@ then dropping the old one.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -32,18 +34,20 @@ def encrypt_secret(plain: str) -> str:
 
 
 def decrypt_secret(token: str) -> str:
-    try:
+    with _decrypting():
         return current_fernet().decrypt(token.encode()).decode()
-    except InvalidToken:
-        raise SecretDecryptionError(
-            "cannot decrypt an upstream secret: is its key missing from KEYAOS_ENCRYPTION_KEYS?"
-        ) from None
 
 
 def reencrypt_secret(token: str) -> str:
     """Re-encrypt ``token`` with the first (current) key."""
-    try:
+    with _decrypting():
         return current_fernet().rotate(token.encode()).decode()
+
+
+@contextmanager
+def _decrypting() -> Iterator[None]:
+    try:
+        yield
     except InvalidToken:
         raise SecretDecryptionError(
             "cannot decrypt an upstream secret: is its key missing from KEYAOS_ENCRYPTION_KEYS?"
