@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from billing.models import ApiKey, CurrencyRate
+from billing.models import ApiKey, Attempt, CurrencyRate, LedgerEntry
 from providers import services
 from providers.models import Provider, RefreshResult, RefreshRun, UpstreamKey
 
@@ -84,3 +85,39 @@ def key_change_form(key: UpstreamKey, **fields: str) -> dict[str, str]:
         "cooldown_until_1": "",
         **fields,
     }
+
+
+def offer_add_form(provider: Provider, upstream_model_id: str, **fields: str) -> dict[str, Any]:
+    """The add-offer form as the admin posts it: an active chat offer at 1 / 2 per Mtok with no
+    canonical id (the admin derives it) and no tiers, but for ``fields``."""
+    return {
+        "provider": provider.pk,
+        "upstream_model_id": upstream_model_id,
+        "canonical_id": "",
+        "kind": "chat",
+        "active": "on",
+        "input_price_per_mtok": "1",
+        "output_price_per_mtok": "2",
+        "price_tiers": "{}",
+        **fields,
+    }
+
+
+def add_failover_attempts(entry: LedgerEntry, *, served_ms: int, **first_try: Any) -> None:
+    """``entry`` answered on its second try: attempt 1 failed as ``first_try`` says (on the entry's
+    provider and model unless it names others), attempt 2 is the entry's own provider, key and
+    model answering 200 in ``served_ms``."""
+    Attempt.objects.create(
+        entry=entry,
+        number=1,
+        **{"provider": entry.provider, "upstream_model": entry.upstream_model, **first_try},
+    )
+    Attempt.objects.create(
+        entry=entry,
+        number=2,
+        provider=entry.provider,
+        upstream_key=entry.upstream_key,
+        upstream_model=entry.upstream_model,
+        status_code=200,
+        duration_ms=served_ms,
+    )

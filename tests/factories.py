@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+import httpx
+
 from billing.models import ApiKey
 from providers.models import ModelOffer, Provider, UpstreamKey
 from providers.presets import PRESETS
@@ -111,4 +113,25 @@ def make_world(
         client_key=client_key,
         chat_path=chat_path,
         gateway_url=gateway.url if gateway is not None else "",
+    )
+
+
+def make_ledger_owners() -> tuple[Provider, UpstreamKey, ApiKey]:
+    """What a ledger row points at: an OpenRouter provider, its upstream key, the client key "ci"."""
+    provider = make_provider("openrouter", "http://127.0.0.1:9/api/v1")
+    key = make_key(provider, "sk-or-v1-" + "o" * 40)
+    api_key, _ = make_client_key("ci")
+    return provider, key, api_key
+
+
+def post_chat(
+    gateway: Any, client_key: str, model: str, content: str = "Hi", **body: Any
+) -> httpx.Response:
+    """One chat completion sent to the gateway over plain HTTP with ``client_key``: one user
+    message, and ``body`` added to the request (``stream=True``, ``max_tokens``...)."""
+    return httpx.post(
+        gateway.url + "/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": content}], **body},
+        headers={"Authorization": f"Bearer {client_key}"},
+        timeout=10,
     )

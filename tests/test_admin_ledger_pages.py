@@ -8,7 +8,8 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from billing.models import Attempt, LedgerEntry
+from billing.models import LedgerEntry
+from tests.admin_client import add_failover_attempts
 from tests.factories import make_key, make_provider
 
 pytestmark = pytest.mark.django_db
@@ -42,24 +43,15 @@ def entry():
         latency_ms=1834,
         ttfb_ms=412,
     )
-    Attempt.objects.create(
-        entry=row,
-        number=1,
+    add_failover_attempts(
+        row,
+        served_ms=1750,
         provider=backup,
         upstream_model="deepseek/deepseek-chat",
         status_code=503,
         failure="transient",
         error="HTTP 503",
         duration_ms=80,
-    )
-    Attempt.objects.create(
-        entry=row,
-        number=2,
-        provider=provider,
-        upstream_key=key,
-        upstream_model="deepseek-chat",
-        status_code=200,
-        duration_ms=1750,
     )
     return row
 

@@ -8,7 +8,7 @@ import pytest
 from django.urls import reverse
 
 from providers.models import ModelOffer, RefreshRun
-from tests.admin_client import messages_of
+from tests.admin_client import messages_of, offer_add_form
 from tests.factories import make_offer
 from tests.payloads import openrouter_model, serve_openrouter
 
@@ -115,14 +115,7 @@ class TestModelOfferAdmin:
     def test_a_negative_price_is_refused(self, admin_client, openrouter):
         response = admin_client.post(
             reverse("admin:providers_modeloffer_add"),
-            {
-                "provider": openrouter.pk,
-                "upstream_model_id": "x/y",
-                "kind": "chat",
-                "input_price_per_mtok": "-1",
-                "output_price_per_mtok": "1",
-                "price_tiers": "{}",
-            },
+            offer_add_form(openrouter, "x/y", input_price_per_mtok="-1"),
         )
 
         assert response.status_code == 200
@@ -134,17 +127,8 @@ class TestModelOfferAdmin:
     ):
         response = admin_client.post(
             reverse("admin:providers_modeloffer_add"),
-            {
-                "provider": openrouter.pk,
-                "upstream_model_id": "Vendor/Model-X",
-                "create_anyway": "on",  # the provider has no catalog here
-                "canonical_id": "",
-                "kind": "chat",
-                "active": "on",
-                "input_price_per_mtok": "1",
-                "output_price_per_mtok": "2",
-                "price_tiers": "{}",
-            },
+            # The provider has no catalog here.
+            offer_add_form(openrouter, "Vendor/Model-X", create_anyway="on"),
         )
 
         assert response.status_code == 302

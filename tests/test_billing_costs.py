@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-import httpx
 import pytest
 
 from billing.models import CurrencyRate, LedgerEntry
-from tests.factories import make_client_key, make_key, make_offer, make_provider
+from tests.factories import make_client_key, make_key, make_offer, make_provider, post_chat
 from tests.payloads import chat_chunks, chat_completion
 
 
@@ -16,16 +15,6 @@ from tests.payloads import chat_chunks, chat_completion
 def client_key(gateway):
     _, plain = make_client_key()
     return plain
-
-
-def chat(gateway, client_key: str, model: str, **body) -> httpx.Response:
-    payload = {"model": model, "messages": [{"role": "user", "content": "Hi"}], **body}
-    return httpx.post(
-        gateway.url + "/chat/completions",
-        json=payload,
-        headers={"Authorization": f"Bearer {client_key}"},
-        timeout=10,
-    )
 
 
 def only_entry(gateway) -> LedgerEntry:
@@ -50,7 +39,7 @@ def test_openrouter_reported_cost_is_billed_as_is_and_the_multiplier_applies_onc
         ),
     )
 
-    assert chat(gateway, client_key, "openai/gpt-4o-mini").status_code == 200
+    assert post_chat(gateway, client_key, "openai/gpt-4o-mini").status_code == 200
 
     entry = only_entry(gateway)
     assert entry.cost_source == "reported"
@@ -72,7 +61,7 @@ def test_openrouter_streamed_cost_is_exact(gateway, fake_upstream, client_key):
         chat_chunks("openai/gpt-4o-mini", ["a", "b", "c"], usage),
     )
 
-    chat(gateway, client_key, "openai/gpt-4o-mini", stream=True).read()
+    post_chat(gateway, client_key, "openai/gpt-4o-mini", stream=True).read()
 
     entry = only_entry(gateway)
     assert (entry.usage_source, entry.cost_source) == ("reported", "reported")
@@ -99,7 +88,7 @@ def test_deepinfra_estimated_cost_is_preferred_over_the_stored_prices(
         ),
     )
 
-    assert chat(gateway, client_key, "meta-llama/Llama-3.3-70B-Instruct").status_code == 200
+    assert post_chat(gateway, client_key, "meta-llama/Llama-3.3-70B-Instruct").status_code == 200
 
     entry = only_entry(gateway)
     assert entry.cost_source == "reported"
@@ -130,7 +119,7 @@ def test_zenmux_cost_is_computed_with_cached_tokens_at_the_cached_price(
         ),
     )
 
-    assert chat(gateway, client_key, "openai/gpt-4.1").status_code == 200
+    assert post_chat(gateway, client_key, "openai/gpt-4.1").status_code == 200
 
     entry = only_entry(gateway)
     assert entry.cost_source == "computed"
@@ -166,7 +155,7 @@ def test_deepseek_is_billed_in_cny_with_hit_and_miss_tokens_and_converted_at_the
         ),
     )
 
-    assert chat(gateway, client_key, "deepseek-chat").status_code == 200
+    assert post_chat(gateway, client_key, "deepseek-chat").status_code == 200
 
     entry = only_entry(gateway)
     # 500 x 2 + 1000 x 0.5 + 200 x 8 = 3100 CNY per 1M tokens

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from billing.models import ApiKey, Attempt, CurrencyRate, LedgerEntry
+from billing.models import ApiKey, CurrencyRate, LedgerEntry
 from billing.selectors import day_start
 from providers import background
 from providers.models import PriceHistory, RefreshResult, RefreshRun, UpstreamKey
+from tests.admin_client import add_failover_attempts
 from tests.factories import make_key, make_offer, make_provider
 from tests.payloads import chat_completion, openrouter_model, serve_openrouter
 
@@ -449,24 +450,13 @@ def test_every_operator_page_fits_a_1400_px_window(
     admin_server, browser, operator, traffic, tmp_path
 ):
     entry = LedgerEntry.objects.filter(outcome=LedgerEntry.Outcome.OK).first()
-    Attempt.objects.create(
-        entry=entry,
-        number=1,
-        provider=entry.provider,
-        upstream_model=entry.upstream_model,
+    add_failover_attempts(
+        entry,
+        served_ms=entry.latency_ms,
         status_code=429,
         failure="rate_limited",
         error="HTTP 429: slow down",
         duration_ms=140,
-    )
-    Attempt.objects.create(
-        entry=entry,
-        number=2,
-        provider=entry.provider,
-        upstream_key=entry.upstream_key,
-        upstream_model=entry.upstream_model,
-        status_code=200,
-        duration_ms=entry.latency_ms,
     )
     LedgerEntry.objects.filter(pk=entry.pk).update(attempts=2, latency_ms=1834, ttfb_ms=412)
     key = UpstreamKey.objects.get(label="old")

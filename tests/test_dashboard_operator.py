@@ -4,6 +4,7 @@ fault the errors are, who spends, how fast each provider answers, how long the m
 from __future__ import annotations
 
 from decimal import Decimal
+from functools import partial
 
 import pytest
 from django.urls import reverse
@@ -29,46 +30,16 @@ def traffic():
     laptop, _ = ApiKey.create_key(name="laptop")
     ci, _ = ApiKey.create_key(name="ci")
     now = timezone.now()
+    from_laptop_via_deepseek = partial(
+        ledger_row, deepseek, ds_key, "deepseek-chat", now, api_key=laptop
+    )
+    from_ci_via_openrouter = partial(ledger_row, openrouter, or_key, DEEPSEEK, now, api_key=ci)
     rows = [
-        ledger_row(
-            deepseek,
-            ds_key,
-            "deepseek-chat",
-            now,
-            api_key=laptop,
-            cost_usd="0.40",
-            latency_ms=100,
-            ttfb_ms=40,
-        ),
-        ledger_row(
-            deepseek,
-            ds_key,
-            "deepseek-chat",
-            now,
-            api_key=laptop,
-            cost_usd="0.40",
-            latency_ms=300,
-            ttfb_ms=60,
-        ),
-        ledger_row(
-            openrouter,
-            or_key,
-            DEEPSEEK,
-            now,
-            api_key=ci,
-            cost_usd="0.10",
-            latency_ms=900,
-            ttfb_ms=None,
-        ),
-        ledger_row(
-            openrouter,
-            or_key,
-            DEEPSEEK,
-            now,
-            api_key=ci,
-            outcome=LedgerEntry.Outcome.UPSTREAM_ERROR,
-            status_code=502,
-            latency_ms=5,
+        from_laptop_via_deepseek(cost_usd="0.40", latency_ms=100, ttfb_ms=40),
+        from_laptop_via_deepseek(cost_usd="0.40", latency_ms=300, ttfb_ms=60),
+        from_ci_via_openrouter(cost_usd="0.10", latency_ms=900, ttfb_ms=None),
+        from_ci_via_openrouter(
+            outcome=LedgerEntry.Outcome.UPSTREAM_ERROR, status_code=502, latency_ms=5
         ),
         ledger_row(
             None,

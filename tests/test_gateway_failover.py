@@ -39,6 +39,17 @@ def ask(client):
     )
 
 
+def reply_rate_limited(fake_upstream, path: str, message: str, retry_after_s: int) -> None:
+    """The upstream answers ``path`` with a 429 that states when to come back."""
+    fake_upstream.reply(
+        "POST",
+        path,
+        status=429,
+        json_body={"error": {"message": message}},
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
 def test_the_cheapest_key_serves_when_it_is_healthy(two_providers, fake_upstream):
     _, client = two_providers
     fake_upstream.reply("POST", CHEAP, json_body=chat_completion(MODEL, "from cheap"))
@@ -100,13 +111,7 @@ def test_a_refusing_cheapest_key_fails_over_to_the_next(
 
 def test_a_key_cooling_down_is_skipped_until_its_retry_after(two_providers, fake_upstream):
     _, client = two_providers
-    fake_upstream.reply(
-        "POST",
-        CHEAP,
-        status=429,
-        json_body={"error": {"message": "rate"}},
-        headers={"Retry-After": "60"},
-    )
+    reply_rate_limited(fake_upstream, CHEAP, "rate", retry_after_s=60)
     ask(client)
     fake_upstream.reply("POST", CHEAP, json_body=chat_completion(MODEL, "from cheap"))
     raw = ask(client)
@@ -151,13 +156,7 @@ def test_when_every_candidate_fails_the_client_gets_the_most_telling_error(
 ):
     _, client = two_providers
     fake_upstream.reply("POST", CHEAP, status=500, json_body={"error": {"message": "cheap broke"}})
-    fake_upstream.reply(
-        "POST",
-        DEAR,
-        status=429,
-        json_body={"error": {"message": "dear busy"}},
-        headers={"Retry-After": "7"},
-    )
+    reply_rate_limited(fake_upstream, DEAR, "dear busy", retry_after_s=7)
     with pytest.raises(openai.RateLimitError) as error:
         ask(client)
     assert "dear busy" in error.value.message
@@ -282,13 +281,7 @@ def test_a_model_whose_keys_all_cool_down_after_transient_failures_is_still_trie
 
 def test_a_retry_after_the_upstream_stated_is_never_lifted(one_key, fake_upstream):
     _, client = one_key
-    fake_upstream.reply(
-        "POST",
-        ONLY,
-        status=429,
-        json_body={"error": {"message": "slow down"}},
-        headers={"Retry-After": "60"},
-    )
+    reply_rate_limited(fake_upstream, ONLY, "slow down", retry_after_s=60)
     with pytest.raises(openai.RateLimitError):
         ask(client)
     fake_upstream.reply("POST", ONLY, json_body=chat_completion(MODEL, "too soon"))

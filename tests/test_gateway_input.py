@@ -9,24 +9,15 @@ import pytest
 from django.core.management import call_command
 
 from billing.models import ApiKey, LedgerEntry
-from tests.factories import make_world
 from tests.payloads import chat_completion
 
 MODEL = "openai/gpt-4o-mini"
 
 
 @pytest.fixture
-def client_key(gateway, fake_upstream):
-    world = make_world(
-        fake_upstream,
-        gateway,
-        prefix="or",
-        model=MODEL,
-        input="1",
-        output="2",
-        reply=chat_completion(MODEL),
-    )
-    return world.client_key
+def client_key(served_world, fake_upstream):
+    fake_upstream.reply("POST", served_world.chat_path, json_body=chat_completion(MODEL))
+    return served_world.client_key
 
 
 def post(gateway, key, content, headers=None):

@@ -63,6 +63,25 @@ def ask(sdk: anthropic.Anthropic, **extra):
     )
 
 
+def streamed_event_names(gateway, plain: str) -> list[str]:
+    """The SSE event names, in order, of a streamed Messages request sent over plain HTTP."""
+    response = httpx.post(
+        gateway.url + "/messages",
+        headers={"Authorization": f"Bearer {plain}"},
+        json={
+            "model": MODEL,
+            "max_tokens": 10,
+            "stream": True,
+            "messages": [{"role": "user", "content": "x"}],
+        },
+    )
+    return [
+        line.removeprefix("event: ")
+        for line in response.text.splitlines()
+        if line.startswith("event: ")
+    ]
+
+
 def test_messages_create_answers_in_anthropic_shape_with_one_priced_ledger_row(
     world, gateway, fake_upstream
 ):
@@ -245,19 +264,7 @@ def test_a_stream_failing_mid_way_ends_with_an_error_event(world, gateway, fake_
     fake_upstream.stream(
         UPSTREAM, chat_chunks(MODEL, ["a", "b", "c", "d"]), fail_after=3, gap_s=0.05
     )
-    response = httpx.post(
-        gateway.url + "/messages",
-        headers={"Authorization": f"Bearer {plain}"},
-        json={
-            "model": MODEL,
-            "max_tokens": 10,
-            "stream": True,
-            "messages": [{"role": "user", "content": "x"}],
-        },
-    )
-    events = [
-        line.split(": ", 1)[1] for line in response.text.splitlines() if line.startswith("event")
-    ]
+    events = streamed_event_names(gateway, plain)
     assert events[0] == "message_start" and events[-1] == "error"
     assert "message_stop" not in events
     gateway.flush_ledger()
@@ -343,17 +350,7 @@ def test_a_slow_upstream_gets_message_start_at_once_and_pings_while_silent(
     monkeypatch.setattr(protocol, "PING_INTERVAL_S", 0.2)
     _, plain = world
     fake_upstream.stream(UPSTREAM, chat_chunks(MODEL, ["late"], USAGE), first_delay_s=1.5)
-    response = httpx.post(
-        gateway.url + "/messages",
-        headers={"Authorization": f"Bearer {plain}"},
-        json={
-            "model": MODEL,
-            "max_tokens": 10,
-            "stream": True,
-            "messages": [{"role": "user", "content": "x"}],
-        },
-    )
-    kinds = [line[7:] for line in response.text.splitlines() if line.startswith("event: ")]
+    kinds = streamed_event_names(gateway, plain)
     assert kinds[0] == "message_start"
     silent = kinds[1 : kinds.index("content_block_start")]
     assert set(silent) == {"ping"} and len(silent) >= 3  # the opening ping, then one per 0.2 s

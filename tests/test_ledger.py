@@ -17,7 +17,7 @@ from billing.costs import Prices
 from billing.models import ApiKey, LedgerEntry
 from billing.recorder import RequestRecord, write_records
 from billing.usage import Usage
-from tests.factories import make_world
+from tests.factories import make_world, post_chat
 from tests.fake_upstream import Reply
 
 MODEL = "openai/gpt-4o-mini"
@@ -133,11 +133,7 @@ def test_a_rejected_request_of_a_known_key_still_gets_a_row(setup, gateway):
     ApiKey.objects.filter(pk=api_key.pk).update(allowed_models="anthropic/*")
     gateway.reload()
 
-    response = httpx.post(
-        gateway.url + "/chat/completions",
-        json={"model": MODEL, "messages": [{"role": "user", "content": "1"}]},
-        headers={"Authorization": f"Bearer {client_key}"},
-    )
+    response = post_chat(gateway, client_key, MODEL, "1")
 
     assert response.status_code == 403
     gateway.flush_ledger()

@@ -11,18 +11,15 @@ from django.core.management import CommandError, call_command
 from django.db.models import Sum
 from django.utils import timezone
 
-from billing.models import ApiKey, Attempt, DailyUsage, LedgerEntry
-from tests.factories import make_key, make_provider
+from billing.models import Attempt, DailyUsage, LedgerEntry
+from tests.factories import make_ledger_owners
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def owners():
-    provider = make_provider("openrouter", "http://127.0.0.1:9/api/v1")
-    key = make_key(provider, "sk-or-v1-" + "p" * 40)
-    api_key, _ = ApiKey.create_key(name="ci")
-    return provider, key, api_key
+    return make_ledger_owners()
 
 
 def entry(number: int, created_at: datetime, owners, *, model="m1", outcome="ok") -> LedgerEntry:

@@ -9,7 +9,7 @@ import pytest
 
 from billing.models import ApiKey, LedgerEntry
 from providers.models import UpstreamKey
-from tests.factories import make_client_key, make_key, make_world
+from tests.factories import make_client_key, make_key, make_world, post_chat
 from tests.payloads import chat_chunks, chat_completion
 
 MODEL = "openai/gpt-4o-mini"
@@ -59,11 +59,7 @@ def test_rows_of_requests_whose_keys_were_deleted_midway_are_kept(setup, gateway
     make_key(upstream_key.provider, "sk-or-v1-" + "s" * 40, label="fresh")
     gateway.reload()
     fake_upstream.reply("POST", "/or/chat/completions", json_body=chat_completion(MODEL))
-    response = httpx.post(
-        gateway.url + "/chat/completions",
-        json={"model": MODEL, "messages": [{"role": "user", "content": "again"}]},
-        headers={"Authorization": f"Bearer {survivor_plain}"},
-    )
+    response = post_chat(gateway, survivor_plain, MODEL, "again")
     assert response.status_code == 200
     gateway.flush_ledger()
     orphan = LedgerEntry.objects.get(api_key=None)

@@ -55,11 +55,17 @@ def record(number: int, keys, **changes) -> RequestRecord:
     return RequestRecord(**fields)
 
 
-async def write_through(directory, records: list[RequestRecord]) -> LedgerWriter:
+def started_writer(directory, records: list[RequestRecord]) -> LedgerWriter:
+    """A running writer spooling to ``directory`` that has been handed ``records``."""
     writer = LedgerWriter(directory)
     writer.start()
     for item in records:
         writer.submit(item)
+    return writer
+
+
+async def write_through(directory, records: list[RequestRecord]) -> LedgerWriter:
+    writer = started_writer(directory, records)
     await asyncio.wait_for(writer.flush(), 30)
     await writer.stop()
     return writer
@@ -96,10 +102,7 @@ def test_replaying_a_committed_spool_changes_nothing(keys, tmp_path):
     kept.mkdir()
 
     async def write_and_keep_a_copy():
-        writer = LedgerWriter(spool_dir)
-        writer.start()
-        for n in range(40):
-            writer.submit(record(n, keys))
+        writer = started_writer(spool_dir, [record(n, keys) for n in range(40)])
         for path in spool_dir.glob("*" + SUFFIX):  # before the writer commits and deletes it
             shutil.copy(path, kept / path.name)
         await asyncio.wait_for(writer.flush(), 30)
@@ -144,10 +147,7 @@ def test_records_wait_in_the_spool_while_the_database_is_away(keys, tmp_path, mo
     monkeypatch.setattr(billing.recorder, "write_entries", database_away)
 
     async def scenario():
-        writer = LedgerWriter(tmp_path)
-        writer.start()
-        for n in range(30):
-            writer.submit(record(n, keys))
+        writer = started_writer(tmp_path, [record(n, keys) for n in range(30)])
         await asyncio.sleep(0.3)
         waiting = ledger_backlog(tmp_path)
         monkeypatch.setattr(billing.recorder, "write_entries", real_write)
@@ -168,10 +168,7 @@ def test_a_stop_that_cannot_reach_the_database_leaves_the_records_for_the_next_s
     monkeypatch.setattr(billing.recorder, "write_entries", database_away)
 
     async def stop_while_down():
-        writer = LedgerWriter(tmp_path)
-        writer.start()
-        for n in range(25):
-            writer.submit(record(n, keys))
+        writer = started_writer(tmp_path, [record(n, keys) for n in range(25)])
         await writer.stop(timeout_s=0.5)
 
     asyncio.run(stop_while_down())

@@ -11,6 +11,7 @@ from django.core.management import CommandError, call_command
 from django.urls import reverse
 
 from providers.models import ModelOffer
+from tests.admin_client import offer_add_form
 from tests.factories import make_offer, make_provider
 
 pytestmark = pytest.mark.django_db
@@ -58,16 +59,7 @@ def test_create_adds_an_offer_the_catalog_does_not_list(deepseek):
 
 
 def test_the_admin_refuses_a_phantom_offer_unless_told_to_create_it(deepseek, admin_client):
-    form = {
-        "provider": deepseek.pk,
-        "upstream_model_id": "deepseek/deepseek-chatt",
-        "canonical_id": "",
-        "kind": "chat",
-        "active": "on",
-        "input_price_per_mtok": "1",
-        "output_price_per_mtok": "2",
-        "price_tiers": "{}",
-    }
+    form = offer_add_form(deepseek, "deepseek/deepseek-chatt")
     url = reverse("admin:providers_modeloffer_add")
     refused = admin_client.post(url, form)
     assert refused.status_code == 200

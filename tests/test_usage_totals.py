@@ -12,19 +12,16 @@ from django.core.management import call_command
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from billing.models import ApiKey, DailyUsage, LedgerEntry
+from billing.models import DailyUsage, LedgerEntry
 from billing.selectors import Totals, recent_spend, usage
-from tests.factories import make_key, make_provider
+from tests.factories import make_ledger_owners
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def owners():
-    provider = make_provider("openrouter", "http://127.0.0.1:9/api/v1")
-    key = make_key(provider, "sk-or-v1-" + "u" * 40)
-    api_key, _ = ApiKey.create_key(name="ci")
-    return provider, key, api_key
+    return make_ledger_owners()
 
 
 def ledger_row(number: int, created_at: datetime, owners, *, api_key="same", outcome="ok"):
