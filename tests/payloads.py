@@ -101,6 +101,11 @@ def chunk(
     return payload
 
 
+def upstream_error(message: str) -> dict[str, Any]:
+    """An error answer in OpenAI's shape, the body a provider sends with a 4xx or 5xx status."""
+    return {"error": {"message": message}}
+
+
 def tool_completion(
     model: str, calls: list[tuple[str, str, dict[str, Any]]], **usage: Any
 ) -> dict[str, Any]:
@@ -125,6 +130,15 @@ def tool_completion(
 # Catalogs: OpenRouter lists USD per token as strings
 
 
+def token_prices(prompt: Any, completion: Any, cache_read: Any | None) -> dict[str, Any]:
+    """The price names OpenRouter and ZenMux share; a model without a cache price has no
+    ``input_cache_read``."""
+    prices = {"prompt": prompt, "completion": completion}
+    if cache_read is not None:
+        prices["input_cache_read"] = cache_read
+    return prices
+
+
 def openrouter_model(
     model_id: str,
     *,
@@ -140,9 +154,6 @@ def openrouter_model(
 ) -> dict[str, Any]:
     """One ``GET /models`` item: the permanent ``canonical_slug``, and for open-weight models the
     ``hugging_face_id`` others serve it as; ``pricing`` adds prices (``image``, ``request``...)."""
-    prices = {"prompt": prompt, "completion": completion}
-    if cache_read is not None:
-        prices["input_cache_read"] = cache_read
     return {
         "id": model_id,
         "canonical_slug": model_id if canonical_slug is None else canonical_slug,
@@ -150,7 +161,7 @@ def openrouter_model(
         "name": model_id.split("/")[-1].title() if name is None else name,
         "context_length": context_length,
         "architecture": {"modality": modality},
-        "pricing": prices | pricing,
+        "pricing": token_prices(prompt, completion, cache_read) | pricing,
     }
 
 
@@ -228,14 +239,11 @@ def zenmux_model(
     display_name: str | None = None,
     context_length: int = 1048576,
 ) -> dict[str, Any]:
-    pricings = {"prompt": prompt, "completion": completion}
-    if cache_read is not None:
-        pricings["input_cache_read"] = cache_read
     return {
         "id": model_id,
         "display_name": model_id if display_name is None else display_name,
         "context_length": context_length,
-        "pricings": pricings,
+        "pricings": token_prices(prompt, completion, cache_read),
     }
 
 

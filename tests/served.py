@@ -2,7 +2,8 @@
 
 The test seeds rows with the factories (under ``transactional_db``, so they are committed) and
 starts ``serve``; its workers read the same database (SQLite file or PostgreSQL test database)
-and reach the in-process fake upstream over 127.0.0.1.
+and reach the in-process fake upstream over 127.0.0.1. The helpers at the end serve every test
+that runs several processes: waiting for a condition, killing a session, finding the shared Redis.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -96,10 +99,16 @@ class Served:
 
     def kill(self) -> None:
         """SIGKILL every process of the session: serve, uvicorn, its workers, the cluster."""
-        for pid in session_processes(self.process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
+        kill_session(self.process)
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL every process of the session ``process`` leads (``manage_process`` starts one),
+    then reap ``process``."""
+    for pid in session_processes(process.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait(timeout=10)
 
 
 def session_processes(session_id: int) -> list[int]:
@@ -116,3 +125,22 @@ def session_processes(session_id: int) -> list[int]:
         if session == session_id and state != "Z":
             pids.append(int(entry.name))
     return pids
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll ``condition`` until it holds or ``timeout_s`` have passed; whether it held."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def redis_answers() -> bool:
+    """Whether a Redis server answers on 127.0.0.1:6379, the one processes can share."""
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=0.5).close()
+        return True
+    except OSError:
+        return False

@@ -22,6 +22,7 @@ from tests.payloads import (
     deepseek_models,
     openrouter_credits,
     openrouter_model,
+    upstream_error,
     zenmux_model,
     zenmux_tier,
     zenmux_tiers,
@@ -231,7 +232,7 @@ class TestMalformedCatalogs:
     @pytest.mark.parametrize(
         "reply",
         [
-            {"status": 500, "json_body": {"error": {"message": "upstream exploded"}}},
+            {"status": 500, "json_body": upstream_error("upstream exploded")},
             {"body": b"<html><body>Access denied</body></html>", "content_type": "text/html"},
             {"body": b'{"data": [', "content_type": "application/json"},
             {"json_body": {"models": []}},
@@ -271,7 +272,7 @@ class TestMalformedCatalogs:
             "GET",
             "/deepseek/models",
             status=401,
-            json_body={"error": {"message": f"Incorrect API key provided: {SECRET}"}},
+            json_body=upstream_error(f"Incorrect API key provided: {SECRET}"),
         )
 
         with pytest.raises(CatalogError) as caught:
@@ -355,7 +356,7 @@ class TestKeyChecks:
 
     def test_a_models_check_reports_a_rejected_key_without_its_secret(self, fake_upstream):
         fake_upstream.reply(
-            "GET", "/deepseek/models", status=401, json_body={"error": {"message": f"bad {SECRET}"}}
+            "GET", "/deepseek/models", status=401, json_body=upstream_error(f"bad {SECRET}")
         )
 
         result = check_key(provider_for(fake_upstream, "deepseek"), SECRET)

@@ -39,6 +39,14 @@ def fail(board: HealthBoard, k: KeyInfo, started: float | None = None, **kwargs)
     return board.note_failure(k, Failure.TRANSIENT, started=started, **kwargs)
 
 
+def trip(board: HealthBoard, k: KeyInfo) -> Failure | Cooldown | None:
+    """Fail the key the three times (KEYAOS_TRIP_MIN_FAILURES) that trip it; returns what the
+    third failure set."""
+    for _ in range(3):
+        outcome = fail(board, k, board.begin(k))
+    return outcome
+
+
 def end_cooldown(board: HealthBoard, k: KeyInfo) -> None:
     """Pretend the key's cooldown ended a moment ago (its length unchanged)."""
     c = board.cooldowns[k.id]
@@ -75,8 +83,7 @@ def test_attempts_in_flight_when_the_key_tripped_do_not_lengthen_its_cooldown():
 
 def test_last_resort_attempts_that_fail_during_the_cooldown_do_not_lengthen_it():
     board, k = HealthBoard(), key()
-    for _ in range(3):
-        fail(board, k, board.begin(k))
+    trip(board, k)
     tripped = board.cooldowns[k.id]
     for _ in range(10):
         assert fail(board, k, board.begin(k, last_resort=True)) is None
@@ -85,8 +92,7 @@ def test_last_resort_attempts_that_fail_during_the_cooldown_do_not_lengthen_it()
 
 def test_after_the_cooldown_one_probe_goes_through_and_its_success_closes_the_key():
     board, k = HealthBoard(), key()
-    for _ in range(3):
-        fail(board, k, board.begin(k))
+    trip(board, k)
     end_cooldown(board, k)
     assert board.unusable_reason(k) is None  # half-open: routable for the probe
     probe = board.begin(k)
@@ -100,8 +106,7 @@ def test_after_the_cooldown_one_probe_goes_through_and_its_success_closes_the_ke
 
 def test_a_failed_probe_trips_the_key_again_for_twice_as_long():
     board, k = HealthBoard(), key()
-    for _ in range(3):
-        fail(board, k, board.begin(k))
+    trip(board, k)
     end_cooldown(board, k)
     again = fail(board, k, board.begin(k))
     assert isinstance(again, Cooldown) and round(again.seconds) == 10 and again.trips == 2
@@ -109,19 +114,16 @@ def test_a_failed_probe_trips_the_key_again_for_twice_as_long():
 
 def test_a_key_that_trips_again_soon_after_closing_escalates():
     board, k = HealthBoard(), key()
-    for _ in range(3):
-        fail(board, k, board.begin(k))
+    trip(board, k)
     end_cooldown(board, k)
     board.record_success(k, board.begin(k))
-    for _ in range(3):
-        outcome = fail(board, k, board.begin(k))
+    outcome = trip(board, k)
     assert isinstance(outcome, Cooldown) and outcome.trips == 2
 
 
 def test_a_cancelled_probe_frees_the_key_for_the_next_probe():
     board, k = HealthBoard(), key()
-    for _ in range(3):
-        fail(board, k, board.begin(k))
+    trip(board, k)
     end_cooldown(board, k)
     board.abandon(k, board.begin(k))
     assert board.begin(k) is not None
@@ -129,16 +131,14 @@ def test_a_cancelled_probe_frees_the_key_for_the_next_probe():
 
 def test_transient_cooldowns_may_be_lifted_as_a_last_resort():
     board, k = HealthBoard(), key()
-    for _ in range(3):
-        fail(board, k, board.begin(k))
+    trip(board, k)
     assert board.lifts_at(k) == board.cooldowns[k.id].until
     assert board.begin(k, last_resort=True) is not None
 
 
 def test_a_success_in_the_last_resort_pass_closes_the_key():
     board, k = HealthBoard(), key()
-    for _ in range(3):
-        fail(board, k, board.begin(k))
+    trip(board, k)
     assert board.record_success(k, board.begin(k, last_resort=True)) is not None
     assert board.unusable_reason(k) is None
 
@@ -163,8 +163,7 @@ def test_a_rate_limit_cools_the_key_at_once_without_escalating():
 
 def test_a_newer_cooldown_from_another_process_is_adopted_an_older_one_is_not():
     here, there, k = HealthBoard(), HealthBoard(), key()
-    for _ in range(3):
-        fail(there, k, there.begin(k))
+    trip(there, k)
     shared = {f"cooldown:{k.id}": list(vars(there.cooldowns[k.id]).values())}
     here.merge(shared)
     assert here.cooldowns[k.id] == there.cooldowns[k.id]

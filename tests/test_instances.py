@@ -8,7 +8,6 @@ and without ``REDIS_URL`` each process keeps its own counters and cooldowns by d
 from __future__ import annotations
 
 import os
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -24,22 +23,21 @@ from keyaos.lib.signals import routing_data_changed
 from providers.models import ModelOffer, RefreshRun
 from tests.factories import make_client_key, make_key, make_offer, make_provider
 from tests.fake_upstream import Reply
-from tests.payloads import chat_completion
-from tests.served import Served, database_url, manage_process, session_processes
+from tests.payloads import chat_completion, upstream_error
+from tests.served import (
+    Served,
+    database_url,
+    kill_session,
+    manage_process,
+    redis_answers,
+    wait_until,
+)
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
 MODEL = "openai/gpt-4o-mini"
 CHAT_PATH = "/openrouter/api/v1/chat/completions"
 SECRET_A = "sk-or-v1-" + "a" * 40
 SECRET_B = "sk-or-v1-" + "b" * 40
-
-
-def _redis_answers() -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", 6379), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
 
 
 pytestmark = [
@@ -51,7 +49,7 @@ pytestmark = [
         "an embedded SQLite file belongs to one machine",
     ),
     pytest.mark.skipif(
-        not REDIS_URL or not _redis_answers(),
+        not REDIS_URL or not redis_answers(),
         reason="instances share counters and cooldowns through Redis: set REDIS_URL (.ci/run does)",
     ),
 ]
@@ -97,15 +95,6 @@ def spread(instances: list[Served], key: str, count: int, **body) -> list[httpx.
         )
 
 
-def wait_for(condition, timeout_s: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
-
-
 def test_a_budget_shared_by_50_requests_over_two_instances_admits_exactly_what_it_covers(
     two_instances, fake_upstream
 ):
@@ -128,7 +117,7 @@ def test_a_budget_shared_by_50_requests_over_two_instances_admits_exactly_what_i
     statuses = [answer.status_code for answer in answers]
     assert set(statuses) <= {200, 429}, statuses
     ok = statuses.count(200)
-    assert wait_for(lambda: LedgerEntry.objects.count() == 50)
+    assert wait_until(lambda: LedgerEntry.objects.count() == 50, 20)
     spent = sum(LedgerEntry.objects.values_list("cost_usd", flat=True), Decimal(0))
     assert ok == 8, statuses  # the budget was used, not refused early, and not overspent
     assert spent == Decimal("0.1")
@@ -142,7 +131,7 @@ def test_an_rpm_limit_holds_across_both_instances(two_instances, fake_upstream):
     ApiKey.objects.filter(pk=api_key.pk).update(rpm_limit=10)
     time.sleep(1)
     # Windows are calendar minutes: start early in one so that all 30 requests fall in it.
-    wait_for(lambda: time.time() % 60 < 40, timeout_s=25)
+    wait_until(lambda: time.time() % 60 < 40, timeout_s=25)
 
     answers = spread(two_instances, key, 30)
 
@@ -164,7 +153,7 @@ def test_a_429_cooldown_taken_on_one_instance_is_honoured_by_the_other_within_a_
         if request.bearer == SECRET_A:
             return Reply(
                 status=429,
-                json_body={"error": {"message": "slow down"}},
+                json_body=upstream_error("slow down"),
                 headers={"Retry-After": "60"},
             )
         return Reply(json_body=chat_completion(MODEL))
@@ -208,10 +197,10 @@ def test_a_new_key_a_price_and_a_disabled_client_key_reach_both_instances_within
         ).json()["data"]
         return chat(served, key).headers.get("x-keyaos-key") == "free" and "7" in str(models)
 
-    assert all(wait_for(lambda s=s: sees_the_new_key_and_price(s), 5) for s in two_instances)
+    assert all(wait_until(lambda s=s: sees_the_new_key_and_price(s), 5) for s in two_instances)
     api_key.enabled = False
     api_key.save()
-    assert all(wait_for(lambda s=s: chat(s, key).status_code == 401, 5) for s in two_instances)
+    assert all(wait_until(lambda s=s: chat(s, key).status_code == 401, 5) for s in two_instances)
     # The snapshot poll is 0.2 s here: everything arrived well within a few polls' time.
     assert time.monotonic() - changed_at < 10
 
@@ -248,12 +237,10 @@ def test_two_task_clusters_on_redis_run_the_scheduled_refresh_once_per_interval(
                 clusters.append(manage_process(["qcluster"], env, log))
         # Each cluster's scheduler wakes about every 30 s: after the first run, give both a turn.
         logs = tmp_path / "cluster-1.log"
-        assert wait_for(lambda: RefreshRun.objects.exists(), 90), logs.read_text()
+        assert wait_until(lambda: RefreshRun.objects.exists(), 90), logs.read_text()
         time.sleep(35)
         assert RefreshRun.objects.filter(trigger="schedule").count() == 1
         assert Schedule.objects.get().next_run > timezone.now()
     finally:
         for cluster in clusters:
-            for pid in session_processes(cluster.pid):
-                os.kill(pid, 9)
-            cluster.wait(timeout=10)
+            kill_session(cluster)

@@ -7,21 +7,20 @@ process it spawns, grandchildren included, can be found afterwards by session id
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.served import session_processes
+from tests.fake_upstream import free_port
+from tests.served import kill_session, manage_process, session_processes, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -54,23 +53,8 @@ def embedded_environment(state_dir: Path, **extra: str) -> dict[str, str]:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def command_line(pid: int) -> str:
     return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-
-
-def wait_until(condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return condition()
 
 
 def admin_login_status(port: int) -> int | None:
@@ -86,25 +70,15 @@ def start_serve(state_dir, tmp_path):
     started: list[subprocess.Popen] = []
 
     def start(port: int) -> subprocess.Popen:
-        log = (tmp_path / "serve.log").open("wb")
-        process = subprocess.Popen(
-            [sys.executable, "manage.py", "serve"],
-            cwd=BASE_DIR,
-            env=embedded_environment(state_dir, PORT=str(port)),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        env = embedded_environment(state_dir, PORT=str(port))
+        with (tmp_path / "serve.log").open("wb") as log:
+            process = manage_process(["serve"], env, log)
         started.append(process)
         return process
 
     yield start
     for process in started:
-        for pid in session_processes(process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        process.wait(timeout=5)
+        kill_session(process)
 
 
 def serve_log(tmp_path: Path) -> str:

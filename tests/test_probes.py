@@ -14,9 +14,10 @@ from billing.models import LedgerEntry
 from routing.runtime import runtime
 from tests.factories import make_client_key, make_key, make_offer, make_provider
 from tests.fake_upstream import Reply, free_port
-from tests.payloads import chat_completion
+from tests.payloads import chat_completion, upstream_error
 
 UPSTREAM_SECRET = "sk-or-v1-" + "s" * 40
+CHAT_PATH = "/openrouter/api/v1/chat/completions"
 
 
 def base(gateway) -> str:
@@ -118,7 +119,7 @@ def test_the_request_counter_grows_by_exactly_the_requests_sent(setup, gateway, 
     client = setup
     fake_upstream.reply(
         "POST",
-        "/openrouter/api/v1/chat/completions",
+        CHAT_PATH,
         json_body=chat_completion("openai/gpt-4o-mini", prompt_tokens=10, completion_tokens=5),
     )
     before = scrape(gateway)
@@ -150,9 +151,9 @@ def test_failed_attempts_are_counted_by_failure_class(setup, gateway, fake_upstr
     client = setup
     fake_upstream.reply(
         "POST",
-        "/openrouter/api/v1/chat/completions",
+        CHAT_PATH,
         status=429,
-        json_body={"error": {"message": "slow down"}},
+        json_body=upstream_error("slow down"),
         headers={"Retry-After": "30"},
     )
     before = scrape(gateway)
@@ -177,10 +178,10 @@ def test_many_requests_in_flight_with_failures_are_each_counted_once(setup, gate
     def answer(_request):
         calls["n"] += 1
         if calls["n"] % 3 == 0:
-            return Reply(status=400, json_body={"error": {"message": "bad request"}})
+            return Reply(status=400, json_body=upstream_error("bad request"))
         return Reply(json_body=chat_completion("openai/gpt-4o-mini"), delay_s=0.05)
 
-    fake_upstream.handle("POST", "/openrouter/api/v1/chat/completions", answer)
+    fake_upstream.handle("POST", CHAT_PATH, answer)
     async_client = openai.AsyncOpenAI(base_url=gateway.url, api_key=client.api_key, max_retries=0)
     before = scrape(gateway)
 
@@ -251,9 +252,9 @@ def test_metrics_carry_no_secret_and_no_client_model_name(setup, gateway, fake_u
     client = setup
     fake_upstream.reply(
         "POST",
-        "/openrouter/api/v1/chat/completions",
+        CHAT_PATH,
         status=401,
-        json_body={"error": {"message": f"bad key {UPSTREAM_SECRET}"}},
+        json_body=upstream_error(f"bad key {UPSTREAM_SECRET}"),
     )
     with pytest.raises(openai.APIStatusError):
         ask(client)

@@ -27,6 +27,7 @@ from tests.payloads import (
     serve_deepinfra,
     serve_openrouter,
     serve_zenmux,
+    upstream_error,
     zenmux_model,
     zenmux_tiers,
 )
@@ -192,7 +193,7 @@ class TestDeactivation:
     @pytest.mark.parametrize(
         "reply",
         [
-            {"status": 500, "json_body": {"error": {"message": "internal error"}}},
+            {"status": 500, "json_body": upstream_error("internal error")},
             {"status": 200, "json_body": {"data": []}, "delay_s": 1.5},
             {"status": 200, "body": b'{"data": [{"id": "v/m0"', "content_type": "application/json"},
             {"status": 200, "json_body": {"data": []}},
@@ -395,7 +396,28 @@ class TestBalances:
         assert key.balance == Decimal("42.17")
         assert key.provider.currency == "CNY"
 
-    def test_an_exhausted_key_with_credit_again_serves_again(self, fake_upstream):
+    @pytest.mark.parametrize(
+        ("credits", "balance", "health", "usable"),
+        [
+            pytest.param(
+                openrouter_credits(20, 0),
+                Decimal("20"),
+                UpstreamKey.Health.OK,
+                True,
+                id="with-credit-again-serves-again",
+            ),
+            pytest.param(
+                openrouter_credits(5, 5),
+                Decimal("0"),
+                UpstreamKey.Health.EXHAUSTED,
+                False,
+                id="still-without-credit-stays-exhausted",
+            ),
+        ],
+    )
+    def test_an_exhausted_key_follows_its_refreshed_balance(
+        self, fake_upstream, credits, balance, health, usable
+    ):
         openrouter = make_provider(fake_upstream, "openrouter")
         key = make_key(
             openrouter,
@@ -403,33 +425,14 @@ class TestBalances:
             health=UpstreamKey.Health.EXHAUSTED,
         )
         serve_openrouter(fake_upstream, openrouter_model("a/m"))
-        fake_upstream.reply(
-            "GET",
-            "/openrouter/credits",
-            json_body=openrouter_credits(20, 0),
-        )
+        fake_upstream.reply("GET", "/openrouter/credits", json_body=credits)
 
         refresh_providers(trigger="command")
 
         key.refresh_from_db()
-        assert key.health == UpstreamKey.Health.OK
-        assert key.is_usable()
-
-    def test_an_exhausted_key_still_without_credit_stays_exhausted(self, fake_upstream):
-        openrouter = make_provider(fake_upstream, "openrouter")
-        key = make_key(
-            openrouter,
-            balance_source=UpstreamKey.BalanceSource.AUTO,
-            health=UpstreamKey.Health.EXHAUSTED,
-        )
-        serve_openrouter(fake_upstream, openrouter_model("a/m"))
-        fake_upstream.reply("GET", "/openrouter/credits", json_body=openrouter_credits(5, 5))
-
-        refresh_providers(trigger="command")
-
-        key.refresh_from_db()
-        assert key.health == UpstreamKey.Health.EXHAUSTED
-        assert key.balance == 0
+        assert key.health == health
+        assert key.balance == balance
+        assert key.is_usable() is usable
 
     def test_a_failed_balance_is_recorded_while_the_catalog_still_updates(self, fake_upstream):
         openrouter = make_provider(fake_upstream, "openrouter")
@@ -439,7 +442,7 @@ class TestBalances:
             "GET",
             "/openrouter/credits",
             status=401,
-            json_body={"error": {"message": f"No auth credentials found for {key.secret}"}},
+            json_body=upstream_error(f"No auth credentials found for {key.secret}"),
         )
 
         run = refresh_providers(trigger="command")

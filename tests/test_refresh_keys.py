@@ -12,7 +12,7 @@ from providers.adapters import BalanceError
 from providers.models import Provider, UpstreamKey
 from providers.presets import PRESETS
 from providers.refresh import refresh_key_balance, validate_key
-from tests.payloads import deepseek_balance, deepseek_balance_info
+from tests.payloads import deepseek_balance, deepseek_balance_info, upstream_error
 
 pytestmark = pytest.mark.django_db
 
@@ -27,21 +27,41 @@ def make_key(fake_upstream, preset: str, **fields) -> UpstreamKey:
 
 
 class TestValidateKey:
-    def test_a_key_rejected_with_401_is_marked_invalid(self, fake_upstream):
-        key = make_key(fake_upstream, "openrouter")
-        fake_upstream.reply(
-            "GET",
-            "/openrouter/key",
-            status=401,
-            json_body={"error": {"message": "User not found."}},
-        )
+    @pytest.mark.parametrize(
+        ("preset", "method", "path", "status", "message", "health"),
+        [
+            pytest.param(
+                "openrouter",
+                "GET",
+                "/openrouter/key",
+                401,
+                "User not found.",
+                UpstreamKey.Health.INVALID,
+                id="401-is-invalid",
+            ),
+            pytest.param(
+                "zenmux",
+                "POST",
+                "/zenmux/chat/completions",
+                402,
+                "Insufficient credits",
+                UpstreamKey.Health.EXHAUSTED,
+                id="402-is-exhausted",
+            ),
+        ],
+    )
+    def test_a_key_refused_by_the_provider_is_marked_by_the_status(
+        self, fake_upstream, preset, method, path, status, message, health
+    ):
+        key = make_key(fake_upstream, preset)
+        fake_upstream.reply(method, path, status=status, json_body=upstream_error(message))
 
         result = validate_key(key)
 
         key.refresh_from_db()
         assert not result.ok
-        assert key.health == UpstreamKey.Health.INVALID
-        assert "User not found." in key.last_error
+        assert key.health == health
+        assert message in key.last_error
         assert key.last_error_at is not None
         assert key.secret not in key.last_error
 
@@ -61,20 +81,6 @@ class TestValidateKey:
         assert key.health == UpstreamKey.Health.OK
         assert key.cooldown_until is None
         assert key.is_usable()
-
-    def test_a_key_answered_with_402_is_exhausted(self, fake_upstream):
-        key = make_key(fake_upstream, "zenmux")
-        fake_upstream.reply(
-            "POST",
-            "/zenmux/chat/completions",
-            status=402,
-            json_body={"error": {"message": "Insufficient credits"}},
-        )
-
-        validate_key(key)
-
-        key.refresh_from_db()
-        assert key.health == UpstreamKey.Health.EXHAUSTED
 
     def test_a_transient_failure_only_records_the_error(self, fake_upstream):
         key = make_key(fake_upstream, "deepseek")

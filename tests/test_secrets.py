@@ -13,6 +13,7 @@ from providers import services
 from providers.crypto import SecretDecryptionError
 from providers.models import UpstreamKey
 from tests.admin_client import key_change_form
+from tests.payloads import upstream_error
 
 pytestmark = pytest.mark.django_db
 
@@ -43,26 +44,36 @@ def test_the_secret_is_shown_masked(key):
     assert str(key) == "openrouter:main"
 
 
+def change_url(key: UpstreamKey) -> str:
+    return reverse("admin:providers_upstreamkey_change", args=[key.pk])
+
+
+def assert_only_the_masked_secret_shown(response, key: UpstreamKey) -> None:
+    content = response.content.decode()
+    assert response.status_code == 200
+    assert key.secret_masked in content
+    assert SECRET not in content
+    assert key.secret_hash not in content
+    assert key.secret_encrypted not in content
+
+
+def save_change_form(admin_client, key: UpstreamKey, **fields: str) -> None:
+    """Post the key's change form with ``fields`` changed, as the admin saves it, and reload."""
+    response = admin_client.post(change_url(key), key_change_form(key, **fields))
+    assert response.status_code == 302
+    key.refresh_from_db()
+
+
 def test_the_admin_changelist_shows_the_masked_secret_only(key, admin_client):
     response = admin_client.get(reverse("admin:providers_upstreamkey_changelist"))
 
-    content = response.content.decode()
-    assert response.status_code == 200
-    assert key.secret_masked in content
-    assert SECRET not in content
-    assert key.secret_hash not in content
-    assert key.secret_encrypted not in content
+    assert_only_the_masked_secret_shown(response, key)
 
 
 def test_the_admin_change_page_never_renders_the_secret(key, admin_client):
-    response = admin_client.get(reverse("admin:providers_upstreamkey_change", args=[key.pk]))
+    response = admin_client.get(change_url(key))
 
-    content = response.content.decode()
-    assert response.status_code == 200
-    assert key.secret_masked in content
-    assert SECRET not in content
-    assert key.secret_hash not in content
-    assert key.secret_encrypted not in content
+    assert_only_the_masked_secret_shown(response, key)
 
 
 def test_a_new_secret_entered_in_the_admin_replaces_the_old_one_and_resets_health(
@@ -70,26 +81,17 @@ def test_a_new_secret_entered_in_the_admin_replaces_the_old_one_and_resets_healt
 ):
     key.health, key.last_error = UpstreamKey.Health.INVALID, "HTTP 401"
     key.save()
-    url = reverse("admin:providers_upstreamkey_change", args=[key.pk])
-    form = key_change_form(key, secret="sk-or-v1-replacement-secret-0000", health="invalid")
 
-    response = admin_client.post(url, form)
+    save_change_form(admin_client, key, secret="sk-or-v1-replacement-secret-0000", health="invalid")
 
-    assert response.status_code == 302
-    key.refresh_from_db()
     assert key.secret == "sk-or-v1-replacement-secret-0000"
     assert key.health == UpstreamKey.Health.OK
     assert key.last_error == ""
 
 
 def test_an_empty_secret_field_in_the_admin_keeps_the_stored_secret(key, admin_client):
-    url = reverse("admin:providers_upstreamkey_change", args=[key.pk])
-    form = key_change_form(key, label="renamed", secret="")
+    save_change_form(admin_client, key, label="renamed", secret="")
 
-    response = admin_client.post(url, form)
-
-    assert response.status_code == 302
-    key.refresh_from_db()
     assert key.label == "renamed"
     assert key.secret == SECRET
 
@@ -109,7 +111,7 @@ def test_validating_a_rejected_key_keeps_the_secret_out_of_logs_and_errors(
         "GET",
         "/openrouter/api/v1/key",
         status=401,
-        json_body={"error": {"message": f"Invalid key {SECRET}"}},
+        json_body=upstream_error(f"Invalid key {SECRET}"),
     )
 
     with caplog.at_level(logging.DEBUG):

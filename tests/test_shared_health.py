@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from datetime import datetime
 
@@ -12,14 +11,7 @@ import pytest
 from providers.upstream import Failure
 from routing.health import HealthBoard
 from routing.snapshot import KeyInfo
-
-
-def redis_is_up() -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", 6379), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
+from tests.served import redis_answers
 
 
 def key(key_id: int = 1, cooldown_until: datetime | None = None) -> KeyInfo:
@@ -37,7 +29,7 @@ def key(key_id: int = 1, cooldown_until: datetime | None = None) -> KeyInfo:
     )
 
 
-@pytest.mark.skipif(not redis_is_up(), reason="Redis is not running on 127.0.0.1:6379")
+@pytest.mark.skipif(not redis_answers(), reason="Redis is not running on 127.0.0.1:6379")
 @pytest.mark.django_db(transaction=True)
 def test_a_429_seen_by_one_process_cools_the_key_in_another(settings):
     settings.CACHES = {
