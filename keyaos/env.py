@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import os
 import secrets
 from collections.abc import Callable
@@ -55,6 +56,8 @@ def _env_number[N: (int, float)](
         number = parse(value)
     except ValueError:
         raise ImproperlyConfigured(f"{name} must be {kind}, not {value!r}") from None
+    if not math.isfinite(number):
+        raise ImproperlyConfigured(f"{name} must be a finite number, not {value!r}")
     if minimum is not None and number < minimum:
         raise ImproperlyConfigured(f"{name} must be at least {minimum}, not {number}")
     return number

@@ -192,6 +192,8 @@ def test_it_reads_debug_strictly(tmp_path, value, expected):
         ("KEYAOS_MAX_ATTEMPTS", "three", "KEYAOS_MAX_ATTEMPTS must be an integer"),
         ("KEYAOS_MAX_ATTEMPTS", "0", "KEYAOS_MAX_ATTEMPTS must be at least 1"),
         ("KEYAOS_READ_TIMEOUT_S", "soon", "KEYAOS_READ_TIMEOUT_S must be a number"),
+        ("KEYAOS_READ_TIMEOUT_S", "nan", "KEYAOS_READ_TIMEOUT_S must be a finite number"),
+        ("KEYAOS_DRAIN_S", "inf", "KEYAOS_DRAIN_S must be a finite number"),
     ],
 )
 def test_it_refuses_a_malformed_value_naming_the_variable(tmp_path, name, value, message):
