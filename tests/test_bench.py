@@ -16,26 +16,32 @@ from bench.run import gateway_command, memory_trend, parse_args, summarise_profi
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow
-def test_a_tiny_bench_runs_end_to_end_and_finds_one_ledger_row_per_request(tmp_path):
-    """Chat (non-streamed and streamed) and Messages streams, each straight and through Keyaos."""
-    output = tmp_path / "bench.json"
+def run_bench_module(module: str, *args: str, timeout_s: float) -> subprocess.CompletedProcess:
+    """``python -m module args`` from the checkout, as ``make bench`` runs it: without the test
+    run's Django settings and state folder."""
     env = {**os.environ}
     env.pop("DJANGO_SETTINGS_MODULE", None)
     env.pop("KEYAOS_STATE_DIR", None)
-    database = f"keyaos_bench_test_{os.getpid()}"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            *("-m", "bench.run", "--concurrency", "2", "--duration", "0.5"),
-            *("--warmup", "0.1", "--output", str(output), "--database-name", database),
-            *("--writer-records", "500", "--translation-pairs", "2", "--pair-duration", "0.3"),
-        ],
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
         cwd=BASE_DIR,
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout_s,
+    )
+
+
+@pytest.mark.slow
+def test_a_tiny_bench_runs_end_to_end_and_finds_one_ledger_row_per_request(tmp_path):
+    """Chat (non-streamed and streamed) and Messages streams, each straight and through Keyaos."""
+    output = tmp_path / "bench.json"
+    database = f"keyaos_bench_test_{os.getpid()}"
+    completed = run_bench_module(
+        *("bench.run", "--concurrency", "2", "--duration", "0.5"),
+        *("--warmup", "0.1", "--output", str(output), "--database-name", database),
+        *("--writer-records", "500", "--translation-pairs", "2", "--pair-duration", "0.3"),
+        timeout_s=120,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     result = json.loads(output.read_text())
@@ -145,3 +151,26 @@ def test_the_limited_mode_is_compared_with_the_unlimited_one_per_concurrency():
     assert limited_rps_share(rows) == {"1": 0.95}
     assert "limited" not in parse_args([]).modes
     assert parse_args(["--modes", "json", "limited"]).modes == ["json", "limited"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="bench.interleave needs two cores")
+def test_interleave_measures_every_build_in_alternating_slices(tmp_path):
+    """Two gateways of this checkout, seeded and served side by side, the load alternated."""
+    output = tmp_path / "interleave.json"
+    completed = run_bench_module(
+        *("bench.interleave", str(BASE_DIR), str(BASE_DIR)),
+        *("--rounds", "2", "--slice-s", "0.3", "--warmup-s", "0.2", "--gap-s", "0.1"),
+        *("--output", str(output)),
+        timeout_s=180,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    result = json.loads(output.read_text())
+
+    assert (result["rounds"], result["slice_s"]) == (2, 0.3)
+    assert len(result["builds"]) == 2
+    for build in result["builds"]:
+        assert build["errors"] == 0 and build["requests"] > 0
+        assert build["cpu_ms_per_request"] > 0
+        assert set(build["latency_ms"]) == {"p50", "p95", "p99", "mean", "max"}
+    assert completed.stdout.count("requests  cpu") == 2
