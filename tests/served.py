@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from urllib.parse import quote
 import httpx
 from django.db import connection
 
+from keyaos.management.commands.serve import MULTIPROCESS_DIR_VARIABLE
 from tests.fake_upstream import free_port
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -104,11 +106,29 @@ class Served:
 
 def kill_session(process: subprocess.Popen) -> None:
     """SIGKILL every process of the session ``process`` leads (``manage_process`` starts one),
-    then reap ``process``."""
-    for pid in session_processes(process.pid):
+    reap ``process``, and remove the metrics directory a killed ``serve`` cannot remove."""
+    pids = session_processes(process.pid)
+    directories = {directory for pid in pids if (directory := _serve_metrics_directory(pid))}
+    for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     process.wait(timeout=10)
+    for directory in directories:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _serve_metrics_directory(pid: int) -> str | None:
+    """The temporary ``PROMETHEUS_MULTIPROC_DIR`` that ``serve`` made for process ``pid``."""
+    try:
+        environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    prefix = f"{MULTIPROCESS_DIR_VARIABLE}=".encode()
+    for entry in environment:
+        if entry.startswith(prefix):
+            directory = entry.removeprefix(prefix).decode()
+            return directory if Path(directory).name.startswith("keyaos-metrics-") else None
+    return None
 
 
 def session_processes(session_id: int) -> list[int]:

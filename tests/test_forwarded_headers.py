@@ -4,8 +4,6 @@ named in ``FORWARDED_ALLOW_IPS``; by default no one is trusted. Over the real ``
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
 import sys
 
@@ -13,7 +11,7 @@ import httpx
 import pytest
 
 from keyaos.management.commands.serve import proxy_header_options
-from tests.served import manage_process, session_processes
+from tests.served import kill_session, manage_process
 from tests.test_make_run import BASE_DIR, embedded_environment, free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -53,11 +51,7 @@ def serving(state_dir, **extra: str):
         assert wait_until(lambda: _up(port), 60)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        # serve puts uvicorn in a process group of its own: kill the whole session.
-        for pid in session_processes(process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        process.wait(timeout=10)
+        kill_session(process)
 
 
 def _up(port: int) -> bool:
