@@ -107,7 +107,8 @@ class Build:
                     if response.status == 200:
                         return
             except OSError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
         raise SystemExit(f"{self.directory}: no answer within {STARTUP_TIMEOUT_S} s at start-up")
 
     def stop(self) -> None:
@@ -156,15 +157,19 @@ async def run_slice(
     stop_at = time.perf_counter() + seconds
     while time.perf_counter() < stop_at:
         begun = time.perf_counter()
-        async with session.post(url, data=body, headers=headers) as response:
-            await response.read()
-            finished = time.perf_counter()
+        try:
+            async with session.post(url, data=body, headers=headers) as response:
+                await response.read()
+                answered = response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            answered = False
+        finished = time.perf_counter()
         if not measured:
             continue
-        if response.status != 200:
-            build.errors += 1
-        else:
+        if answered:
             build.latencies_ms.append((finished - begun) * 1000)
+        else:
+            build.errors += 1
     await asyncio.sleep(gap_s)
     if measured:
         build.cpu_s += sum(cpu_seconds(build.process.pid)) - cpu_before
